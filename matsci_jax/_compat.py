@@ -1,0 +1,28 @@
+"""Compatibility shims for the supported jax versions, kept in one place.
+
+jraph 0.0.6.dev0 still calls `jax.tree_map` and friends, which jax removed in
+favour of `jax.tree_util`. Aliasing them here (imported by the package's
+`__init__`) keeps jraph working on jax 0.10 and 0.11.
+"""
+
+import jax
+
+_TREE_ALIASES = {
+    "tree_map": jax.tree_util.tree_map,
+    "tree_leaves": jax.tree_util.tree_leaves,
+    "tree_flatten": jax.tree_util.tree_flatten,
+    "tree_unflatten": jax.tree_util.tree_unflatten,
+    "tree_structure": jax.tree_util.tree_structure,
+}
+
+
+def install() -> None:
+  """Adds the removed `jax.tree_*` aliases that jraph uses, if missing."""
+  for name, fn in _TREE_ALIASES.items():
+    try:
+      getattr(jax, name)
+    except AttributeError:
+      setattr(jax, name, fn)
+
+
+install()

@@ -1,0 +1,259 @@
+"""Reads OC20 and matsciml LMDB datasets exactly as they are published.
+
+Layouts handled (see `shared/data/README.md` of the test fixtures):
+* S2EF: a folder of single-file shards `data.0000.lmdb, data.0001.lmdb, ...`
+  with a pickled `b"length"` key; IS2RE: one `data.lmdb` without it;
+  matsciml: single files or `data.mdb` folders, keys possibly non-contiguous.
+* Values: PyG 1.x and 2.x pickles of `Data` objects, or plain dicts, decoded
+  without torch by `torch_pickle.loads`.
+* Field names of every writer generation (`y`/`energy`, `force`/`forces`,
+  `y_init`/`y_relaxed`/`pos_relaxed`, float or uint8 atomic numbers, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from typing import Any, Iterator
+
+import lmdb
+import numpy as np
+
+from matsci_jax.data import torch_pickle
+from matsci_jax.data.structure import DataError, Structure, TAG_UNKNOWN
+
+_ENERGY_KEYS = ("y", "energy", "potential-energy", "potential_energy",
+                "total_energy", "y_init")
+_FORCE_KEYS = ("force", "forces")
+_RELAXED_ENERGY_KEYS = ("y_relaxed", "energy_relaxed", "relaxed_energy")
+_RELAXED_POS_KEYS = ("pos_relaxed", "positions_relaxed")
+
+
+def _first(fields: dict, keys) -> Any:
+  for k in keys:
+    if k in fields:
+      return fields[k]
+  return None
+
+
+def _as_int_id(value, path, key, name) -> int:
+  if value is None:
+    return -1
+  if isinstance(value, (str, bytes)):
+    text = value.decode() if isinstance(value, bytes) else value
+    match = re.search(r"(-?\d+)$", text)
+    if match is None:
+      raise DataError(path, key, f"{name} {text!r} is not an integer id")
+    return int(match.group(1))
+  arr = np.asarray(value).reshape(-1)
+  if arr.size != 1:
+    raise DataError(path, key, f"{name} has {arr.size} values, expected one")
+  return int(arr[0])
+
+
+def _as_float(value, path, key, name):
+  if value is None:
+    return None
+  arr = np.asarray(value, dtype=np.float64).reshape(-1)
+  if arr.size != 1:
+    raise DataError(path, key, f"{name} has {arr.size} values, expected one")
+  return float(arr[0])
+
+
+def structure_from_fields(fields: dict, path: str, key) -> Structure:
+  """Maps the fields of one OC20/matsciml entry onto a `Structure`.
+
+  Args:
+    fields: decoded field dict of one LMDB value.
+    path: file the entry came from (for error messages).
+    key: the entry's key.
+
+  Raises:
+    DataError: a required field (positions, atomic numbers) is missing or a
+      field cannot be interpreted.
+  """
+  def array(name, dtype):
+    try:
+      return np.asarray(fields[name], dtype=dtype)
+    except (TypeError, ValueError) as e:
+      raise DataError(path, key, f"field {name!r} is not numeric: {e}")
+
+  pos_key = "pos" if "pos" in fields else "positions"
+  if pos_key not in fields:
+    raise DataError(path, key, "required field 'pos' (positions) is missing; "
+                    f"fields present: {sorted(fields)}")
+  if "atomic_numbers" not in fields:
+    raise DataError(path, key, "required field 'atomic_numbers' is missing; "
+                    f"fields present: {sorted(fields)}")
+  positions = array(pos_key, np.float64)
+  z = array("atomic_numbers", np.float64).reshape(-1)
+  if not np.all(np.isfinite(z)) or np.any(z != np.round(z)):
+    raise DataError(path, key, "atomic_numbers are not integers")
+  n = z.shape[0]
+
+  if "cell" in fields:
+    cell = array("cell", np.float64)
+    if cell.size != 9:
+      raise DataError(path, key, f"cell has shape {cell.shape}, expected "
+                      "(3, 3) or (1, 3, 3)")
+    cell = cell.reshape(3, 3)
+  else:
+    cell = np.zeros((3, 3))
+  if "pbc" in fields:
+    pbc = np.asarray(fields["pbc"]).reshape(-1).astype(bool)
+  else:
+    # OC20 entries carry no pbc flag; their slabs are periodic in 3D.
+    pbc = np.full(3, bool(np.any(cell != 0)))
+
+  tags = (array("tags", np.int64).astype(np.int32) if "tags" in fields
+          else np.full(n, TAG_UNKNOWN, np.int32))
+  fixed = (array("fixed", np.float64) > 0.5 if "fixed" in fields
+           else np.zeros(n, bool))
+
+  forces = _first(fields, _FORCE_KEYS)
+  relaxed_pos = _first(fields, _RELAXED_POS_KEYS)
+  edge_index = fields.get("edge_index")
+  offsets = fields.get("cell_offsets")
+  return Structure(
+      atomic_numbers=z.astype(np.int32),
+      positions=positions,
+      cell=cell,
+      pbc=pbc,
+      tags=tags.reshape(-1),
+      fixed=fixed.reshape(-1),
+      energy=_as_float(_first(fields, _ENERGY_KEYS), path, key, "energy"),
+      forces=None if forces is None else np.asarray(forces, np.float64),
+      energy_relaxed=_as_float(_first(fields, _RELAXED_ENERGY_KEYS), path,
+                               key, "relaxed energy"),
+      positions_relaxed=(None if relaxed_pos is None
+                         else np.asarray(relaxed_pos, np.float64)),
+      sid=_as_int_id(fields.get("sid"), path, key, "sid"),
+      fid=_as_int_id(fields.get("fid"), path, key, "fid"),
+      edge_index=None if edge_index is None else np.asarray(edge_index),
+      cell_offsets=None if offsets is None else np.asarray(offsets),
+      source=(path, key),
+  )
+
+
+def _natural_key(path: str):
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def find_lmdb_files(path: str) -> list[str]:
+  """Lists the LMDB files of a dataset path (file, shard folder, env folder)."""
+  if os.path.isfile(path):
+    return [path]
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no such file or folder")
+  if os.path.isfile(os.path.join(path, "data.mdb")):
+    return [path]  # A classic LMDB environment folder.
+  # `*.lmdb` skips the `*.lmdb-lock` and `data_log.*.txt` files beside shards.
+  files = sorted((os.path.join(path, f) for f in os.listdir(path)
+                  if f.endswith(".lmdb")), key=_natural_key)
+  if not files:
+    raise FileNotFoundError(f"{path}: no *.lmdb files or data.mdb inside")
+  return files
+
+
+def _open(path: str) -> lmdb.Environment:
+  subdir = os.path.isdir(path)
+  try:
+    # map_size only bounds the mapping; the files record 2 TiB, which a
+    # read-only open never needs to reserve.
+    return lmdb.open(path, subdir=subdir, readonly=True, lock=False,
+                     readahead=False, meminit=False, max_readers=1024)
+  except lmdb.Error as e:
+    raise DataError(path, None, f"cannot open as an LMDB file: {e}") from e
+
+
+class LmdbReader:
+  """Random access to the entries of one LMDB dataset path.
+
+  Entries are ordered by file (natural order of shard names), then by the
+  integer value of the key. The `b"length"` key is checked, never returned;
+  other non-integer keys (metadata) are ignored.
+
+  Environments are opened lazily per process, so a reader can be sent to
+  worker processes.
+  """
+
+  def __init__(self, path: str):
+    self.path = str(path)
+    self.files = find_lmdb_files(self.path)
+    self._entries: list[tuple[int, bytes]] = []
+    for file_index, f in enumerate(self.files):
+      for k in self._scan_keys(f):
+        self._entries.append((file_index, k))
+    self._envs: dict[int, lmdb.Environment] = {}
+    self._pid = os.getpid()
+
+  def _scan_keys(self, f: str) -> list[bytes]:
+    env = _open(f)
+    try:
+      with env.begin() as txn:
+        keys = [k for k in txn.cursor().iternext(keys=True, values=False)]
+        length_raw = txn.get(b"length")
+    finally:
+      env.close()
+    int_keys = sorted((k for k in keys if k.isdigit()), key=int)
+    if length_raw is not None:
+      try:
+        length = int(torch_pickle.loads(length_raw))
+      except Exception as e:
+        raise DataError(f, "length", f"cannot decode the length key: {e}")
+      if length != len(int_keys):
+        raise DataError(
+            f, "length", f"the length key says {length} entries but the "
+            f"file has {len(int_keys)} integer keys")
+    return int_keys
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_envs"] = {}
+    return state
+
+  def _env(self, file_index: int) -> lmdb.Environment:
+    if self._pid != os.getpid():  # Never reuse an environment across fork.
+      self._envs, self._pid = {}, os.getpid()
+    env = self._envs.get(file_index)
+    if env is None:
+      env = self._envs[file_index] = _open(self.files[file_index])
+    return env
+
+  def key(self, i: int) -> tuple[str, str]:
+    """Returns (file, key) of entry i."""
+    file_index, k = self._entries[i]
+    return self.files[file_index], k.decode()
+
+  def raw(self, i: int) -> bytes:
+    file_index, k = self._entries[i]
+    with self._env(file_index).begin() as txn:
+      value = txn.get(k)
+    if value is None:
+      raise DataError(self.files[file_index], k.decode(), "key vanished")
+    return value
+
+  def fields(self, i: int) -> dict:
+    path, key = self.key(i)
+    try:
+      return torch_pickle.fields_of(torch_pickle.loads(self.raw(i)))
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError,
+            AttributeError, IndexError, KeyError) as e:
+      raise DataError(path, key, f"cannot decode value: {e}") from e
+
+  def __getitem__(self, i: int) -> Structure:
+    path, key = self.key(i)
+    return structure_from_fields(self.fields(i), path, key)
+
+  def __iter__(self) -> Iterator[Structure]:
+    for i in range(len(self)):
+      yield self[i]
+
+  def close(self):
+    for env in self._envs.values():
+      env.close()
+    self._envs = {}

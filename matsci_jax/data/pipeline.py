@@ -1,0 +1,154 @@
+"""grain input pipeline: seeded, resumable, multi-worker batches of graphs.
+
+The batch sequence is a pure function of (seed, epoch): `BatchPlan` shuffles
+the split per epoch and packs it under the budget, so batch k is the same in
+every run and a restored iterator state (a position in that sequence) gives
+the same data order as an uninterrupted run. Workers load and collate batches
+in parallel; grain keeps their output in order.
+
+Worker processes re-import the `__main__` module: scripts that use workers
+must guard their entry point with `if __name__ == "__main__":` (absl's
+`app.run` does, and parses flags first, which grain's workers need).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import sys
+from typing import Optional
+
+from absl import flags
+import grain
+import numpy as np
+
+from matsci_jax.data import batching
+from matsci_jax.data.batching import Budget
+from matsci_jax.data.dataset_io import Split
+
+
+class BatchPlan:
+  """The sequence of batches (arrays of structure indices) of a split.
+
+  Args:
+    sizes: int [num_structures, 2] atoms and edges per structure.
+    budget: the padding budget.
+    shuffle: reshuffle every epoch (training) or keep file order (eval).
+    seed: shuffling seed.
+    num_epochs: epochs to cover; None repeats forever.
+    shard_index, shard_count: this process's share in multi-process runs.
+      Each process takes every `shard_count`-th batch; shards are evened out
+      with empty (all-padding) batches, so no structure is dropped and every
+      process runs the same number of steps.
+  """
+
+  def __init__(self, sizes: np.ndarray, budget: Budget, *, shuffle: bool,
+               seed: int = 0, num_epochs: Optional[int] = 1,
+               shard_index: int = 0, shard_count: int = 1):
+    self.sizes = np.asarray(sizes)
+    self.budget = budget
+    self.shuffle = shuffle
+    self.seed = seed
+    self.num_epochs = num_epochs
+    self.shard_index, self.shard_count = shard_index, shard_count
+    if not 0 <= shard_index < shard_count:
+      raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    big = np.argmax(self.sizes[:, 0] + self.sizes[:, 1])
+    budget.check(*self.sizes[big].tolist(), f"structure {int(big)}")
+    self._ends: list[int] = []  # Cumulative batch counts per epoch.
+    self._cache: tuple[int, list] = (-1, [])
+
+  def epoch(self, e: int) -> list[np.ndarray]:
+    """This shard's batches of epoch `e`."""
+    if self._cache[0] == e:
+      return self._cache[1]
+    n = len(self.sizes)
+    order = (np.random.default_rng([self.seed, e]).permutation(n)
+             if self.shuffle else np.arange(n))
+    batches = batching.pack(order, self.sizes, self.budget)
+    per_shard = -(-len(batches) // self.shard_count)
+    empty = np.zeros(0, np.int64)
+    batches += [empty] * (per_shard * self.shard_count - len(batches))
+    mine = batches[self.shard_index::self.shard_count]
+    self._cache = (e, mine)
+    return mine
+
+  def batches_per_epoch(self, e: int = 0) -> int:
+    return len(self.epoch(e))
+
+  def _locate(self, i: int) -> tuple[int, int]:
+    while not self._ends or self._ends[-1] <= i:
+      e = len(self._ends)
+      if self.num_epochs is not None and e >= self.num_epochs:
+        raise IndexError(i)
+      self._ends.append((self._ends[-1] if self._ends else 0)
+                        + len(self.epoch(e)))
+    e = bisect.bisect_right(self._ends, i)
+    return e, i - (self._ends[e - 1] if e else 0)
+
+  def __len__(self) -> int:
+    if self.num_epochs is None:
+      return sys.maxsize
+    try:
+      self._locate(sys.maxsize)
+    except IndexError:
+      pass
+    return self._ends[-1] if self._ends else 0
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    if i < 0:
+      i += len(self)
+    e, j = self._locate(i)
+    return self.epoch(e)[j]
+
+  def efficiency(self, e: int = 0) -> dict[str, float]:
+    """Padding efficiency of epoch `e` (empty shard-filling batches count)."""
+    return batching.padding_efficiency(self.epoch(e), self.sizes,
+                                       self.budget)
+
+
+@dataclasses.dataclass
+class _LoadBatch:
+  """Reads and collates one planned batch (runs in grain workers)."""
+  source: object
+  budget: Budget
+
+  def __call__(self, indices: np.ndarray):
+    examples = [self.source[int(i)] for i in indices]
+    template = None if examples else self.source[0]
+    return batching.collate(examples, self.budget, template)
+
+
+def batch_dataset(split: Split, budget: Budget, *, shuffle: bool,
+                  seed: int = 0, num_epochs: Optional[int] = 1,
+                  shard_index: int = 0, shard_count: int = 1,
+                  worker_count: int = 0, prefetch: int = 2
+                  ) -> tuple[grain.IterDataset, BatchPlan]:
+  """Builds the grain dataset of padded batches for a split.
+
+  Args:
+    split: an opened split (`Dataset.split`).
+    budget: its padding budget.
+    shuffle, seed, num_epochs, shard_index, shard_count: see `BatchPlan`.
+    worker_count: worker processes (0 loads in the calling process).
+    prefetch: batches buffered per worker (or threads when no workers).
+
+  Returns:
+    (dataset, plan). `iter(dataset)` yields `jraph.GraphsTuple`s of numpy
+    arrays; the iterator has `get_state()` / `set_state()` for checkpoints.
+  """
+  plan = BatchPlan(split.sizes, budget, shuffle=shuffle, seed=seed,
+                   num_epochs=num_epochs, shard_index=shard_index,
+                   shard_count=shard_count)
+  ds = grain.MapDataset.source(plan).map(_LoadBatch(split.source, budget))
+  it = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=0 if worker_count else max(prefetch, 1),
+      prefetch_buffer_size=prefetch))
+  if worker_count:
+    # grain reads absl flags when it starts workers; outside an absl app
+    # (tests, notebooks) nobody parsed them, so take their defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=prefetch))
+  return it, plan
