@@ -156,15 +156,25 @@ def find_lmdb_files(path: str) -> list[str]:
   return files
 
 
+# py-lmdb allows one open environment per file and process, so every reader
+# of a process shares them. Keyed by pid: an environment must not cross fork.
+_ENVS: dict[tuple[int, str], lmdb.Environment] = {}
+
+
 def _open(path: str) -> lmdb.Environment:
-  subdir = os.path.isdir(path)
+  key = (os.getpid(), os.path.realpath(path))
+  env = _ENVS.get(key)
+  if env is not None:
+    return env
   try:
-    # map_size only bounds the mapping; the files record 2 TiB, which a
-    # read-only open never needs to reserve.
-    return lmdb.open(path, subdir=subdir, readonly=True, lock=False,
-                     readahead=False, meminit=False, max_readers=1024)
+    # Read-only opens never reserve the 2 TiB map size the files record.
+    env = lmdb.open(path, subdir=os.path.isdir(path), readonly=True,
+                    lock=False, readahead=False, meminit=False,
+                    max_readers=1024)
   except lmdb.Error as e:
     raise DataError(path, None, f"cannot open as an LMDB file: {e}") from e
+  _ENVS[key] = env
+  return env
 
 
 class LmdbReader:
@@ -174,8 +184,8 @@ class LmdbReader:
   integer value of the key. The `b"length"` key is checked, never returned;
   other non-integer keys (metadata) are ignored.
 
-  Environments are opened lazily per process, so a reader can be sent to
-  worker processes.
+  Environments are opened lazily and shared per process, so a reader can be
+  sent to worker processes.
   """
 
   def __init__(self, path: str):
@@ -185,17 +195,11 @@ class LmdbReader:
     for file_index, f in enumerate(self.files):
       for k in self._scan_keys(f):
         self._entries.append((file_index, k))
-    self._envs: dict[int, lmdb.Environment] = {}
-    self._pid = os.getpid()
 
   def _scan_keys(self, f: str) -> list[bytes]:
-    env = _open(f)
-    try:
-      with env.begin() as txn:
-        keys = [k for k in txn.cursor().iternext(keys=True, values=False)]
-        length_raw = txn.get(b"length")
-    finally:
-      env.close()
+    with _open(f).begin() as txn:
+      keys = [k for k in txn.cursor().iternext(keys=True, values=False)]
+      length_raw = txn.get(b"length")
     int_keys = sorted((k for k in keys if k.isdigit()), key=int)
     if length_raw is not None:
       try:
@@ -211,18 +215,8 @@ class LmdbReader:
   def __len__(self) -> int:
     return len(self._entries)
 
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_envs"] = {}
-    return state
-
   def _env(self, file_index: int) -> lmdb.Environment:
-    if self._pid != os.getpid():  # Never reuse an environment across fork.
-      self._envs, self._pid = {}, os.getpid()
-    env = self._envs.get(file_index)
-    if env is None:
-      env = self._envs[file_index] = _open(self.files[file_index])
-    return env
+    return _open(self.files[file_index])
 
   def key(self, i: int) -> tuple[str, str]:
     """Returns (file, key) of entry i."""
@@ -252,8 +246,3 @@ class LmdbReader:
   def __iter__(self) -> Iterator[Structure]:
     for i in range(len(self)):
       yield self[i]
-
-  def close(self):
-    for env in self._envs.values():
-      env.close()
-    self._envs = {}

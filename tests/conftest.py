@@ -1,0 +1,32 @@
+"""Shared test fixtures.
+
+`shared_data` points at the real OC20/matsciml fixture files in
+`../shared/data` (or `$MATSCI_JAX_SHARED_DATA`). Tests that need them skip
+when the folder is absent, and fail instead when
+`MATSCI_JAX_REQUIRE_FIXTURES=1` (as CI sets), so a broken checkout cannot pass
+by skipping.
+"""
+
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _shared_data_dir() -> pathlib.Path:
+  env = os.environ.get("MATSCI_JAX_SHARED_DATA")
+  return pathlib.Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+  path = _shared_data_dir()
+  if not (path / "README.md").is_file():
+    message = (f"fixture folder {path} is absent; set MATSCI_JAX_SHARED_DATA "
+               "or place shared/data beside the checkout")
+    if os.environ.get("MATSCI_JAX_REQUIRE_FIXTURES") == "1":
+      pytest.fail(message + " (MATSCI_JAX_REQUIRE_FIXTURES=1)")
+    pytest.skip(message)
+  return path

@@ -1,0 +1,273 @@
+"""The converter: round trip, splits, statistics, and every bad-input error."""
+
+import json
+import os
+import pickle
+
+import lmdb
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from ase.build import add_adsorbate, fcc100
+from ase.calculators.emt import EMT
+from ase.constraints import FixAtoms
+
+from data_prep import convert
+from matsci_jax.data.dataset_io import Dataset, DatasetError
+from matsci_jax.data.lmdb_reader import LmdbReader
+from matsci_jax.data.neighbors import neighbor_list
+from matsci_jax.data.structure import DataError
+
+
+def test_round_trip_of_oc20_lmdb(shared_data, tmp_path):
+  src = shared_data / "oc20_s2ef_toy/edges"
+  out = tmp_path / "ds"
+  summary = convert.convert([f"train={src}"], out, task="s2ef", workers=2,
+                            progress=False)
+  assert summary.counts == {"train": 101} and summary.skipped == 0
+  # tfds itself opens it, with no TensorFlow.
+  source = tfds.builder_from_directory(str(out)).as_data_source("train")
+  assert len(source) == 101
+  reader = LmdbReader(str(src))
+  for i in (0, 50, 100):
+    ex, s = source[i], reader[i]
+    assert np.array_equal(ex["positions"], s.positions.astype(np.float32))
+    assert np.array_equal(ex["forces"], s.forces.astype(np.float32))
+    assert ex["energy"] == np.float32(s.energy)
+    assert np.array_equal(ex["atomic_numbers"], s.atomic_numbers)
+    assert np.array_equal(ex["fixed"], s.fixed) and np.array_equal(ex["tags"], s.tags)
+    assert (ex["sid"], ex["fid"]) == (s.sid, s.fid)
+    edges = neighbor_list(s.positions, s.cell, s.pbc, 6.0, 50)
+    assert np.array_equal(ex["senders"], edges.senders)
+    assert np.array_equal(ex["cell_shifts"], edges.cell_shifts)
+    assert ex["cell_shifts"].dtype == np.int8
+  import sys
+  assert "tensorflow" not in sys.modules
+
+
+def test_metadata_and_statistics(shared_data, tmp_path):
+  src = shared_data / "matsciml_lips_devset"
+  out = tmp_path / "lips"
+  convert.convert([str(src)], out, task="s2ef", workers=1, val_fraction=0.2,
+                  split_seed=3, progress=False, cutoff=5.0, max_neighbors=0)
+  ds = Dataset(str(out))
+  assert ds.task == "s2ef" and ds.cutoff == 5.0 and ds.max_neighbors is None
+  assert sorted(ds.splits) == ["train", "val"]
+  train, val = ds.split("train"), ds.split("val")
+  assert len(train) == 160 and len(val) == 40
+  stats = train.statistics
+  energies = np.array([train.source[i]["energy"] for i in range(len(train))],
+                      np.float64)
+  np.testing.assert_allclose(stats["energy"]["mean"], energies.mean(), rtol=1e-6)
+  np.testing.assert_allclose(stats["energy"]["std"], energies.std(), rtol=1e-4)
+  forces = np.concatenate([train.source[i]["forces"] for i in range(len(train))])
+  np.testing.assert_allclose(stats["force_rms"], np.sqrt((forces.astype(np.float64) ** 2).mean()),
+                             rtol=1e-6)
+  assert stats["atoms_histogram"] == {"values": [83], "counts": [160]}
+  assert sum(stats["edges_histogram"]["counts"]) == 160
+  assert train.sizes.shape == (160, 2) and (train.sizes[:, 0] == 83).all()
+  assert train.targets == {"energy": True, "forces": True}
+  # One stoichiometry: the elemental fit reproduces the mean energy.
+  refs = stats["energy"]["element_references"]
+  counts = {3: 27, 15: 12, 16: 44}
+  fit = sum(refs[str(z)] * c for z, c in counts.items())
+  assert abs(fit - energies.mean()) < 1e-3
+  # Seeded split: the same seed gives the same split.
+  out2 = tmp_path / "lips2"
+  convert.convert([str(src)], out2, task="s2ef", workers=2, val_fraction=0.2,
+                  split_seed=3, progress=False, cutoff=5.0, max_neighbors=0)
+  val2 = Dataset(str(out2)).split("val")
+  assert [float(val.source[i]["energy"]) for i in range(40)] == [
+      float(val2.source[i]["energy"]) for i in range(40)]
+
+
+def test_reference_energy_fit_recovers_known_references(tmp_path):
+  """Energies built from known per-element references are fitted exactly."""
+  refs = {1: -3.4, 8: -7.1, 29: -4.0}
+  rng = np.random.default_rng(0)
+  frames = []
+  import ase
+  for k in range(30):
+    counts = {z: int(rng.integers(1, 6)) for z in refs}
+    numbers = [z for z, c in counts.items() for _ in range(c)]
+    atoms = ase.Atoms(numbers=numbers,
+                      positions=rng.uniform(0, 8, (len(numbers), 3)),
+                      cell=np.eye(3) * 8, pbc=True)
+    energy = sum(refs[z] * c for z, c in counts.items())
+    from ase.calculators.singlepoint import SinglePointCalculator
+    atoms.calc = SinglePointCalculator(atoms, energy=energy,
+                                       forces=np.zeros((len(numbers), 3)))
+    frames.append(atoms)
+  import ase.io
+  ase.io.write(tmp_path / "f.extxyz", frames)
+  convert.convert([f"train={tmp_path / 'f.extxyz'}"], tmp_path / "ds",
+                  task="s2ef", workers=1, progress=False)
+  fit = Dataset(str(tmp_path / "ds")).split("train").statistics["energy"]
+  for z, r in refs.items():
+    assert abs(fit["element_references"][str(z)] - r) < 1e-6
+  assert fit["residual_std"] < 1e-5
+
+
+def test_is2re_conversion_keeps_relaxed_targets(shared_data, tmp_path):
+  convert.convert([f"train={shared_data / 'oc20_is2re_toy'}"], tmp_path / "is",
+                  task="is2re", workers=1, progress=False)
+  split = Dataset(str(tmp_path / "is")).split("train")
+  ex = split.source[3]
+  assert ex["energy_relaxed"] == np.float32(-3.2182456713414496)
+  assert ex["positions_relaxed"].shape == (38, 3)
+  assert split.targets["energy_relaxed"] and split.targets["positions_relaxed"]
+  assert "energy_relaxed" in split.statistics
+
+
+def test_test_split_without_targets(tmp_path):
+  atoms = fcc100("Cu", (2, 2, 2), vacuum=5.0)
+  atoms.pbc = True
+  import ase.io
+  ase.io.write(tmp_path / "test.extxyz", [atoms, atoms])
+  convert.convert([f"test={tmp_path / 'test.extxyz'}"], tmp_path / "ds",
+                  task="s2ef", workers=1, progress=False)
+  split = Dataset(str(tmp_path / "ds")).split("test")
+  assert split.targets == {"energy": False, "forces": False}
+  assert np.isnan(split.source[0]["energy"])
+  assert split.statistics["energy"] is None
+
+
+# --- bad input -------------------------------------------------------------
+
+
+def _lmdb(path, values):
+  env = lmdb.open(str(path), subdir=False, map_size=1 << 24, lock=False)
+  with env.begin(write=True) as txn:
+    for k, v in values.items():
+      txn.put(str(k).encode(), v)
+  env.close()
+  return path
+
+
+def _good(n=4, seed=0, **overrides):
+  rng = np.random.default_rng(seed)
+  fields = {"pos": rng.uniform(0, 6, (n, 3)).astype(np.float32),
+            "atomic_numbers": np.full(n, 29, np.int64),
+            "cell": (np.eye(3) * 6).astype(np.float32),
+            "energy": np.float64(-1.0 - seed),
+            "forces": np.zeros((n, 3), np.float32)}
+  fields.update(overrides)
+  return pickle.dumps({k: v for k, v in fields.items() if v is not None})
+
+
+BAD_ENTRIES = {
+    "undecodable": (b"\x80\x04not a pickle", r"cannot decode value"),
+    "missing_field": (_good(atomic_numbers=None),
+                      r"required field 'atomic_numbers' is missing"),
+    "nan_positions": (_good(pos=np.full((4, 3), np.nan, np.float32)),
+                      r"positions contain NaN or inf"),
+    "inf_positions": (_good(pos=np.array([[0, 0, np.inf]] * 4, np.float32)),
+                      r"positions contain NaN or inf"),
+    "bad_atomic_number": (_good(atomic_numbers=np.array([29, 29, 0, 29])),
+                          r"atomic number 0 of atom 2 is outside 1..118"),
+    "huge_atomic_number": (_good(atomic_numbers=np.array([29, 119, 29, 29])),
+                           r"atomic number 119 of atom 1 is outside 1..118"),
+    "singular_cell": (_good(cell=np.array([[6, 0, 0], [12, 0, 0], [0, 0, 6]],
+                                          np.float32)),
+                      r"cell is singular"),
+    "foreign_global": (pickle.dumps(os.getcwd), r"refusing to load global"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_ENTRIES))
+def test_bad_entry_stops_with_file_key_and_problem(tmp_path, kind):
+  value, problem = BAD_ENTRIES[kind]
+  path = _lmdb(tmp_path / "data.0000.lmdb", {0: _good(seed=0), 1: _good(seed=1),
+                                              7: value, 9: _good(seed=2)})
+  out = tmp_path / "out"
+  with pytest.raises(DataError) as err:
+    convert.convert([f"train={path}"], out, task="s2ef", workers=1,
+                    progress=False)
+  message = str(err.value)
+  assert "data.0000.lmdb" in message and "entry '7'" in message
+  assert __import__("re").search(problem, message), message
+  assert "--skip-bad" in message
+  # Nothing half-written.
+  assert not out.exists()
+  assert not [p for p in os.listdir(tmp_path) if "partial" in p]
+
+
+def test_skip_bad_skips_and_lists_entries(tmp_path):
+  values = {i: _good(seed=i) for i in range(6)}
+  values[2] = BAD_ENTRIES["nan_positions"][0]
+  values[4] = BAD_ENTRIES["undecodable"][0]
+  path = _lmdb(tmp_path / "data.lmdb", values)
+  summary = convert.convert([f"train={path}"], tmp_path / "out", task="s2ef",
+                            workers=1, skip_bad=True, progress=False)
+  assert summary.counts == {"train": 4} and summary.skipped == 2
+  rows = [json.loads(l) for l in open(tmp_path / "out" / "skipped.jsonl")]
+  assert [(r["key"], r["split"]) for r in rows] == [("2", "train"), ("4", "train")]
+  assert "NaN" in rows[0]["problem"] and "decode" in rows[1]["problem"]
+  assert Dataset(str(tmp_path / "out")).metadata["skipped"] == 2
+
+
+def test_inconsistent_targets_within_a_split(tmp_path):
+  path = _lmdb(tmp_path / "data.lmdb", {0: _good(seed=0),
+                                        1: _good(seed=1, forces=None)})
+  with pytest.raises(DataError, match=r"entry '1'.*carries targets \['energy'\]"):
+    convert.convert([f"train={path}"], tmp_path / "out", task="s2ef",
+                    workers=1, progress=False)
+
+
+def test_existing_output_needs_overwrite(shared_data, tmp_path):
+  src = shared_data / "oc20_is2re_toy"
+  out = tmp_path / "out"
+  convert.convert([f"train={src}"], out, task="s2ef", workers=1, progress=False)
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    convert.convert([f"train={src}"], out, task="s2ef", workers=1,
+                    progress=False)
+  convert.convert([f"val={src}"], out, task="s2ef", workers=1, progress=False,
+                  overwrite=True)
+  assert Dataset(str(out)).splits == ["val"]
+  assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
+  path = _lmdb(tmp_path / "data.lmdb", {0: _good(), 3: BAD_ENTRIES["singular_cell"][0]})
+  code = convert.main(["--input", f"train={path}", "--output",
+                       str(tmp_path / "out"), "--task", "s2ef", "--workers", "1",
+                       "--no-progress"])
+  assert code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "data.lmdb, entry '3': cell is singular" in err
+
+
+def test_corrupt_dataset_folder_is_reported(tmp_path):
+  (tmp_path / "ds").mkdir()
+  (tmp_path / "ds" / "metadata.json").write_text("{}")
+  with pytest.raises(DatasetError, match="missing dataset_info.json"):
+    Dataset(str(tmp_path / "ds"))
+  with pytest.raises(DatasetError, match="no such dataset folder"):
+    Dataset(str(tmp_path / "nope"))
+
+
+def test_ase_inputs_with_constraints_and_tags(tmp_path):
+  import ase.io
+  frames = []
+  for k in range(3):
+    slab = fcc100("Cu", (2, 2, 3), vacuum=6.0)
+    add_adsorbate(slab, "O", 1.6 + 0.1 * k, "hollow")
+    slab.pbc = True
+    tags = np.where(slab.get_tags() == 0, 2, np.where(slab.get_tags() == 1, 1, 0))
+    slab.set_tags(tags)
+    slab.set_constraint(FixAtoms(mask=tags == 0))
+    slab.calc = EMT()
+    slab.get_forces()
+    frames.append(slab)
+  ase.io.write(tmp_path / "frames.extxyz", frames)
+  convert.convert([f"train={tmp_path / 'frames.extxyz'}"], tmp_path / "ds",
+                  task="s2ef", workers=1, progress=False)
+  split = Dataset(str(tmp_path / "ds")).split("train")
+  for k in range(3):
+    ex = split.source[k]
+    assert np.array_equal(ex["fixed"], frames[k].get_tags() == 0)
+    assert np.array_equal(ex["tags"], frames[k].get_tags())
+    np.testing.assert_allclose(ex["energy"], frames[k].get_potential_energy(),
+                               rtol=1e-6)
+    np.testing.assert_allclose(
+        ex["forces"], frames[k].get_forces(apply_constraint=False), atol=1e-5)
