@@ -157,12 +157,25 @@ def find_lmdb_files(path: str) -> list[str]:
 
 
 # py-lmdb allows one open environment per file and process, so every reader
-# of a process shares them. Keyed by pid: an environment must not cross fork.
-_ENVS: dict[tuple[int, str], lmdb.Environment] = {}
+# of a process shares them. LMDB environments must not be used across fork:
+# a forked child closes its inherited copies and opens its own.
+_ENVS: dict[str, lmdb.Environment] = {}
+
+
+def _close_inherited_envs():
+  for env in _ENVS.values():
+    try:
+      env.close()
+    except lmdb.Error:
+      pass
+  _ENVS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_envs)
 
 
 def _open(path: str) -> lmdb.Environment:
-  key = (os.getpid(), os.path.realpath(path))
+  key = os.path.realpath(path)
   env = _ENVS.get(key)
   if env is not None:
     return env

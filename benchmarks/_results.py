@@ -1,0 +1,36 @@
+"""Records a benchmark's JSON result in benchmarks/RESULTS.md.
+
+Each benchmark owns one section, delimited by HTML comments, which `record`
+replaces, so that re-running a benchmark updates its numbers in place.
+"""
+
+import json
+import os
+import platform
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+_HEADER = ("# Benchmark results\n\nWritten by the scripts in this folder "
+           "(`--record`); each section holds the JSON a script printed.\n")
+
+
+def machine() -> dict:
+  import jax
+  return {"platform": platform.platform(), "python": platform.python_version(),
+          "cpu_count": os.cpu_count(), "jax": jax.__version__,
+          "devices": [str(d) for d in jax.devices()]}
+
+
+def record(name: str, title: str, result: dict, notes: str = "") -> None:
+  """Replaces (or appends) the section `name` of RESULTS.md."""
+  begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+  body = (f"{begin}\n## {title}\n\n{notes}\n\n```json\n"
+          f"{json.dumps(result, indent=1)}\n```\n{end}")
+  text = open(RESULTS).read() if os.path.exists(RESULTS) else _HEADER
+  if begin in text and end in text:
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    text = head + body + tail
+  else:
+    text = text.rstrip("\n") + "\n\n" + body + "\n"
+  with open(RESULTS, "w") as f:
+    f.write(text)
