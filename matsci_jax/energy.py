@@ -1,0 +1,125 @@
+"""Energies and forces from a per-atom model, as pure functions.
+
+E_graph = sum over its real atoms of (scale * model_i + shift + ref[Z_i]),
+where `ref` are per-element reference energies fitted on the training split,
+so the network learns only a residual of order one, and forces are
+F = -dE/dpositions, computed with `jax.grad` inside the jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+
+NUM_ELEMENTS = 119
+
+
+@flax.struct.dataclass
+class Normalizer:
+  """Target scaling from training-split statistics.
+
+  Attributes:
+    scale: eV per unit model output; also the unit of the normalised loss.
+    shift: eV added per atom.
+    element_energies: float [119], reference energy per element in eV.
+  """
+  scale: jax.Array
+  shift: jax.Array
+  element_energies: jax.Array
+
+  @classmethod
+  def identity(cls) -> "Normalizer":
+    return cls(scale=jnp.float32(1.0), shift=jnp.float32(0.0),
+               element_energies=jnp.zeros(NUM_ELEMENTS, jnp.float32))
+
+  @classmethod
+  def from_statistics(cls, stats: dict, target: str = "energy"
+                      ) -> "Normalizer":
+    """Builds a normaliser from a split's statistics (see data.statistics).
+
+    The scale is the force RMS when forces exist (then forces come out of the
+    network at order one), else the residual energy spread per sqrt(atom).
+    """
+    energy = stats.get(target)
+    refs = np.zeros(NUM_ELEMENTS, np.float32)
+    if not energy:
+      return cls.identity()
+    for z, value in energy["element_references"].items():
+      refs[int(z)] = value
+    mean_atoms = max(stats["mean_atoms"], 1.0)
+    scale = stats.get("force_rms") if target == "energy" else None
+    if not scale:
+      scale = energy["residual_std"] / np.sqrt(mean_atoms)
+    scale = float(scale) if scale and np.isfinite(scale) and scale > 0 else 1.0
+    return cls(scale=jnp.float32(scale),
+               shift=jnp.float32(energy["residual_mean"] / mean_atoms),
+               element_energies=jnp.asarray(refs))
+
+  def to_dict(self) -> dict:
+    return {"scale": float(self.scale), "shift": float(self.shift),
+            "element_energies": np.asarray(self.element_energies).tolist()}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "Normalizer":
+    return cls(scale=jnp.float32(d["scale"]), shift=jnp.float32(d["shift"]),
+               element_energies=jnp.asarray(d["element_energies"],
+                                            jnp.float32))
+
+
+def make_energy_fn(model, normalizer: Normalizer) -> Callable:
+  """Returns `energy_fn(params, graph, positions=None) -> float32 [n_graph]`."""
+
+  def energy_fn(params, graph: jraph.GraphsTuple, positions=None):
+    out = model.apply(params, graph, positions)
+    mask = graph.nodes["mask"]
+    refs = normalizer.element_energies[graph.nodes["atomic_numbers"]]
+    # Sums stay in float32 whatever precision the model computes in.
+    per_atom = (normalizer.scale * out.astype(jnp.float32) + normalizer.shift
+                + refs)
+    per_atom = jnp.where(mask, per_atom, 0.0)
+    n_graph = graph.globals["mask"].shape[0]
+    return jax.ops.segment_sum(per_atom, graph.nodes["graph"],
+                               num_segments=n_graph, indices_are_sorted=True)
+
+  return energy_fn
+
+
+def make_energy_and_forces_fn(model, normalizer: Normalizer) -> Callable:
+  """Returns `fn(params, graph) -> (energies [n_graph], forces [n_node, 3])`.
+
+  Forces are minus the gradient of the summed energy: every atom's force
+  depends only on its own structure's energy, so one backward pass gives all.
+  """
+  energy_fn = make_energy_fn(model, normalizer)
+
+  def energy_and_forces(params, graph):
+    positions = graph.nodes["positions"].astype(jnp.float32)
+
+    def total(pos):
+      energies = energy_fn(params, graph, pos)
+      return jnp.sum(jnp.where(graph.globals["mask"], energies, 0.0)), energies
+
+    grad, energies = jax.grad(total, has_aux=True)(positions)
+    forces = -grad * graph.nodes["mask"][:, None]
+    return energies, forces
+
+  return energy_and_forces
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+  """A model with its normaliser: what a checkpoint needs to predict."""
+  model: object
+  normalizer: Normalizer
+
+  def energy_fn(self):
+    return make_energy_fn(self.model, self.normalizer)
+
+  def energy_and_forces_fn(self):
+    return make_energy_and_forces_fn(self.model, self.normalizer)

@@ -1,0 +1,58 @@
+"""S2EF losses on padded batches (real graphs and atoms only).
+
+Errors are divided by the normaliser's scale, so loss weights do not depend
+on the units or spread of a dataset.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def _masked_mean(values, mask):
+  mask = mask.astype(values.dtype)
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def force_mask(graph, free_atoms_only: bool):
+  """Atoms whose forces count: real atoms, optionally only free ones."""
+  mask = graph.nodes["mask"]
+  if free_atoms_only:
+    mask = mask & ~graph.nodes["fixed"]
+  return mask
+
+
+def energy_loss(pred, graph, scale, kind: str = "mae",
+                per_atom: bool = True):
+  """Energy term: MAE or MSE of (E_pred - E) / scale, per atom if asked."""
+  err = (pred - graph.globals["energy"]) / scale
+  if per_atom:
+    n_atoms = jnp.maximum(graph.n_node.astype(err.dtype), 1.0)
+    err = err / n_atoms
+  values = jnp.abs(err) if kind == "mae" else err * err
+  if kind not in ("mae", "mse"):
+    raise ValueError(f"energy loss must be 'mae' or 'mse', got {kind!r}")
+  return _masked_mean(values, graph.globals["mask"])
+
+
+def force_loss(pred, graph, scale, kind: str = "l2mae",
+               free_atoms_only: bool = True):
+  """Force term over counted atoms.
+
+  kinds: "l2mae" (mean per-atom L2 norm of the error, OC20's choice), "mae"
+  (mean absolute component error) and "mse" (mean squared component error).
+  """
+  err = (pred - graph.nodes["forces"]) / scale
+  mask = force_mask(graph, free_atoms_only)
+  if kind == "l2mae":
+    # Safe norm: a zero error must not give a NaN gradient.
+    sq = jnp.sum(err * err, axis=-1)
+    safe = jnp.where(sq > 0, sq, 1.0)
+    values = jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
+  elif kind == "mae":
+    values = jnp.mean(jnp.abs(err), axis=-1)
+  elif kind == "mse":
+    values = jnp.mean(err * err, axis=-1)
+  else:
+    raise ValueError(f"force loss must be 'l2mae', 'mae' or 'mse', got {kind!r}")
+  return _masked_mean(values, mask)

@@ -1,0 +1,51 @@
+r"""Command-line entry point: parses flags and calls `train_and_evaluate`.
+
+    python -m matsci_jax.main --config=configs/s2ef.py [--workdir=DIR] \
+        [--config.model.hidden_dim=64 --config.train.num_steps=500 ...]
+"""
+
+import datetime
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from matsci_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/*.py).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Folder for checkpoints and logs (default: a new folder "
+    "under ./runs/). Reusing a workdir resumes its run.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Library INFO logs (checkpointing) would bury the progress bar.
+    logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/s2ef.py")
+  workdir = _WORKDIR.value or os.path.join(
+      "runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+  logging.info("workdir: %s", os.path.abspath(workdir))
+  result = train.train_and_evaluate(config, workdir)
+  metrics = result["metrics"]
+  lines = [f"finished step {result['step']} in {os.path.abspath(workdir)}"]
+  for name, value in sorted(metrics.items()):
+    lines.append(f"  {name:28s} {value:.5g}")
+  for split, base in result["baselines"].items():
+    for name, value in base.items():
+      lines.append(f"  {split}/baseline_{name:19s} {value:.5g}")
+  lines.append(f"  padding efficiency (nodes)   "
+               f"{result['padding_efficiency']['nodes']:.3f}")
+  lines.append(f"  compilations after warm-up   "
+               f"{result['recompiles_after_warmup']}")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  app.run(main)

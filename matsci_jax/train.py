@@ -1,0 +1,399 @@
+"""`train_and_evaluate(config, workdir)`: the whole training job.
+
+Reads a converted dataset (building the EMT dev set on first use), pads
+every split to a fixed budget, trains with one jitted step, evaluates the
+EMA parameters on the validation splits with OC20 metrics, checkpoints with
+orbax (state and data-iterator position, so that a killed run resumes to the
+same result), and logs losses, metrics, learning rate, throughput, padding
+efficiency and the number of compilations to the console, `metrics.csv` and
+TensorBoard. Final metrics go to `workdir/metrics.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import tqdm
+from absl import logging
+
+from matsci_jax import metrics as metrics_lib
+from matsci_jax import models, monitoring, train_state, train_step
+from matsci_jax.data import batching, dataset_io, pipeline
+from matsci_jax.energy import Normalizer
+
+# Fields every config must have (section -> fields); see configs/s2ef.py.
+REQUIRED_FIELDS = {
+    "data": ("path", "task", "train_split", "eval_splits", "batch_size",
+             "max_nodes", "max_edges", "max_graphs", "num_workers", "prefetch",
+             "seed", "devset_dir", "devset_num_systems"),
+    "model": ("name",),
+    "loss": ("energy_weight", "force_weight", "energy_loss", "energy_per_atom",
+             "force_loss", "free_atoms_only"),
+    "optimizer": ("learning_rate", "end_lr_factor", "warmup_steps",
+                  "weight_decay", "b1", "b2", "clip_norm", "ema_decay"),
+    "train": ("num_steps", "seed", "log_every", "eval_every",
+              "checkpoint_every", "keep_checkpoints", "best_metric",
+              "progress_bar"),
+}
+MODEL_FILE = "model.json"
+
+
+class ConfigError(ValueError):
+  """A config that lacks a field or holds an impossible value."""
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a non-finite loss or gradient."""
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first missing field."""
+  for section, fields in REQUIRED_FIELDS.items():
+    if section not in config:
+      raise ConfigError(f"config has no section '{section}'; start from "
+                        "configs/s2ef.py")
+    for field in fields:
+      if field not in config[section]:
+        raise ConfigError(f"config is missing field '{section}.{field}'; "
+                          "see configs/s2ef.py for its meaning and default")
+  if config.data.task not in ("s2ef", "is2re"):
+    raise ConfigError(f"config.data.task must be 's2ef' or 'is2re', got "
+                      f"{config.data.task!r}")
+  if config.train.num_steps < 1:
+    raise ConfigError("config.train.num_steps must be at least 1")
+
+
+def dataset_folder(config) -> str:
+  """The converted dataset to train on, building the dev set if asked."""
+  if config.data.path != "devset":
+    return os.path.expanduser(config.data.path)
+  root = os.path.expanduser(config.data.devset_dir)
+  from data_prep import make_devset
+  if not os.path.exists(os.path.join(root, make_devset.MARKER)):
+    logging.info("building the EMT dev set in %s (first use)", root)
+    make_devset.build_devset(root, num_systems=config.data.devset_num_systems,
+                             overwrite=True,
+                             progress=config.train.progress_bar)
+  return os.path.join(root, config.data.task)
+
+
+def _budget(config, sizes: np.ndarray) -> batching.Budget:
+  auto = batching.compute_budget(sizes, config.data.batch_size,
+                                 seed=config.data.seed)
+  return batching.Budget(
+      n_node=config.data.max_nodes or auto.n_node,
+      n_edge=config.data.max_edges or auto.n_edge,
+      n_graph=config.data.max_graphs or auto.n_graph)
+
+
+def _check_targets(split: dataset_io.Split, task: str, folder: str):
+  needed = (("energy", "forces") if task == "s2ef"
+            else ("energy_relaxed",))
+  missing = [t for t in needed if not split.targets.get(t)]
+  if missing:
+    raise dataset_io.DatasetError(
+        f"{folder}: split {split.name!r} has no {' / '.join(missing)} "
+        "targets (a test split?); train and evaluate on labelled splits")
+
+
+class _TargetCheck:
+  """Batch transform that rejects NaN targets with the structure named."""
+
+  def __init__(self, task: str, split: str):
+    self.keys = (("energy",), ("forces",)) if task == "s2ef" else (
+        ("energy_relaxed",),)
+    self.split = split
+
+  def __call__(self, batch):
+    g = batch.globals
+    for (key,) in self.keys:
+      values = g[key] if key in g else batch.nodes[key]
+      if key in g:
+        bad = g["mask"] & ~np.isfinite(values)
+      else:
+        per_atom = ~np.isfinite(values).all(axis=-1) & batch.nodes["mask"]
+        bad = np.zeros_like(g["mask"])
+        bad[np.unique(batch.nodes["graph"][per_atom])] = True
+      if bad.any():
+        i = int(np.argmax(bad))
+        raise dataset_io.DatasetError(
+            f"split {self.split!r}: structure sid={int(g['sid'][i])} "
+            f"fid={int(g['fid'][i])} has a NaN or infinite {key} target")
+    return batch
+
+
+def _make_loss(config, model, normalizer):
+  if config.data.task == "s2ef":
+    return train_step.make_s2ef_loss(model, normalizer, config.loss)
+  return train_step.make_energy_loss(model, normalizer, config.loss,
+                                     target="energy_relaxed")
+
+
+def _baselines(split: dataset_io.Split, train_stats: dict, task: str,
+               free_atoms_only: bool) -> dict:
+  """Errors of trivial predictors on a split, for comparison."""
+  key = "energy" if task == "s2ef" else "energy_relaxed"
+  mean = train_stats[key]["mean"] if train_stats.get(key) else 0.0
+  e_err, f_abs, f_n = [], 0.0, 0
+  for i in range(len(split)):
+    ex = split.source[i]
+    e_err.append(abs(float(ex[key]) - mean))
+    if task == "s2ef":
+      m = ~ex["fixed"] if free_atoms_only else np.ones(len(ex["fixed"]), bool)
+      f_abs += float(np.abs(ex["forces"][m]).sum())
+      f_n += 3 * int(m.sum())
+  out = {"mean_energy_mae": float(np.mean(e_err))}
+  if task == "s2ef":
+    out["zero_force_mae"] = f_abs / max(f_n, 1)
+  return out
+
+
+def _evaluate(eval_step, params, loader) -> dict:
+  total = None
+  for batch in loader:
+    total = metrics_lib.accumulate(total, jax.device_get(eval_step(params,
+                                                                   batch)))
+  out = metrics_lib.finalize(total)
+  out["loss"] = float(total["loss"]) / max(float(total["graphs"]), 1.0)
+  return out
+
+
+def _to_host_dict(d: dict) -> dict:
+  return {k: float(v) for k, v in jax.device_get(d).items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Trains and evaluates a model; returns the final metrics.
+
+  Args:
+    config: see configs/s2ef.py.
+    workdir: folder for checkpoints and logs; a run started again with the
+      same workdir resumes from its latest checkpoint.
+
+  Returns:
+    The dict also written to `workdir/metrics.json`.
+
+  Raises:
+    ConfigError, DatasetError, NonFiniteLossError.
+  """
+  check_config(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  task = config.data.task
+  compiles_at_start = monitoring.compile_count()
+
+  folder = dataset_folder(config)
+  data = dataset_io.Dataset(folder)
+  if data.task != task:
+    raise ConfigError(f"{folder} is a {data.task} dataset but "
+                      f"config.data.task is {task!r}")
+  if config.model.get("cutoff", 0) > data.cutoff + 1e-9:
+    raise ConfigError(
+        f"config.model.cutoff {config.model.cutoff} exceeds the dataset's "
+        f"edge cutoff {data.cutoff}: edges beyond it are missing")
+  train_split = data.split(config.data.train_split)
+  eval_splits = [data.split(s) for s in config.data.eval_splits]
+  for split in [train_split] + eval_splits:
+    _check_targets(split, task, folder)
+  stats = train_split.statistics
+  normalizer = Normalizer.from_statistics(
+      stats, "energy" if task == "s2ef" else "energy_relaxed")
+
+  # Budgets and input pipelines: one padded shape per split.
+  shard = dict(shard_index=jax.process_index(),
+               shard_count=jax.process_count())
+  train_budget = _budget(config, train_split.sizes)
+  train_ds, train_plan = pipeline.batch_dataset(
+      train_split, train_budget, shuffle=True, seed=config.data.seed,
+      num_epochs=None, worker_count=config.data.num_workers,
+      prefetch=config.data.prefetch, **shard)
+  train_ds = train_ds.map(_TargetCheck(task, train_split.name))
+  train_iter = iter(train_ds)
+  eval_loaders = {}
+  for split in eval_splits:
+    budget = _budget(config, split.sizes)
+    ds, _ = pipeline.batch_dataset(split, budget, shuffle=False,
+                                   num_epochs=1, prefetch=config.data.prefetch,
+                                   **shard)
+    eval_loaders[split.name] = ds.map(_TargetCheck(task, split.name))
+  efficiency = train_plan.efficiency(0)
+  logging.info("train budget %s, padding efficiency %s", train_budget,
+               efficiency)
+
+  # Model, optimizer, steps.
+  model = models.from_config(config.model)
+  loss_fn = _make_loss(config, model, normalizer)
+  optimizer = train_state.make_optimizer(config)
+  schedule = train_state.learning_rate_schedule(config)
+  step_fn = jax.jit(train_step.make_train_step(
+      loss_fn, optimizer, config.optimizer.ema_decay), donate_argnums=0)
+  eval_fn = jax.jit(train_step.make_eval_step(
+      loss_fn, config.loss.free_atoms_only,
+      "energy" if task == "s2ef" else "energy_relaxed"))
+
+  first = batching.collate(
+      [train_split.source[int(i)] for i in train_plan[0]], train_budget,
+      template=train_split.source[0])
+  rng = jax.random.PRNGKey(config.train.seed)
+  init_rng, state_rng = jax.random.split(rng)
+  params = jax.jit(model.init)(init_rng, first)
+  state = train_state.TrainState.create(params, optimizer, state_rng)
+  num_params = sum(int(np.prod(x.shape)) for x in
+                   jax.tree_util.tree_leaves(params))
+
+  with open(os.path.join(workdir, MODEL_FILE), "w") as f:
+    json.dump({"model": config.model.to_dict(), "task": task,
+               "normalizer": normalizer.to_dict(), "dataset": folder,
+               "cutoff": data.cutoff, "max_neighbors": data.max_neighbors,
+               "num_params": num_params}, f, indent=1)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=1))
+
+  # Checkpoints: the latest few, and the best by validation.
+  ckpt = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.train.keep_checkpoints, create=True),
+      item_names=("state", "data"))
+  best_metric = config.train.best_metric
+  best = ocp.CheckpointManager(
+      os.path.join(workdir, "best"),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=1, create=True, best_fn=lambda m: m[best_metric],
+          best_mode="min"),
+      item_names=("state",))
+  start = ckpt.latest_step()
+  if start is not None:
+    restored = ckpt.restore(start, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state),
+        data=ocp.args.JsonRestore()))
+    state = restored.state
+    train_iter.set_state(restored.data)
+    logging.info("resumed from step %d of %s", start, workdir)
+  start = int(state.step)
+
+  writer = monitoring.MetricWriter(workdir)
+  baselines = {s.name: _baselines(s, stats, task, config.loss.free_atoms_only)
+               for s in eval_splits}
+
+  def evaluate(step):
+    results = {}
+    for name, loader in eval_loaders.items():
+      m = _evaluate(eval_fn, state.ema_params, loader)
+      results.update({f"{name}/{k}": v for k, v in m.items()})
+    writer.write(step, results)
+    return results
+
+  def save(step, eval_results=None):
+    ckpt.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(train_iter.get_state())))
+    if eval_results and best_metric in eval_results:
+      best.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state)), metrics=eval_results)
+
+  pending: list[tuple[int, dict, int, int]] = []
+  window_start = time.perf_counter()
+  warm_compiles = None
+  eval_results: dict = {}
+  bar = tqdm.tqdm(total=config.train.num_steps, initial=start, unit="step",
+                  disable=not config.train.progress_bar or
+                  jax.process_index() != 0, dynamic_ncols=True)
+
+  def flush(step, write=True):
+    """Fetches pending step metrics, stops on a non-finite loss, logs."""
+    nonlocal window_start
+    if not pending:
+      return
+    fetched = jax.device_get([p[1] for p in pending])
+    for (s, _, _, _), m in zip(pending, fetched):
+      if not bool(m["finite"]):
+        raise NonFiniteLossError(
+            f"loss or gradient is not finite at step {s} (loss={m['loss']}); "
+            f"the run stops here and saves nothing from this step on. "
+            f"Latest checkpoint: {ckpt.latest_step()} in {workdir}")
+    if not write:
+      pending.clear()
+      window_start = time.perf_counter()
+      return
+    elapsed = max(time.perf_counter() - window_start, 1e-9)
+    graphs = sum(p[2] for p in pending)
+    atoms = sum(p[3] for p in pending)
+    scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched]))
+               for k in fetched[0] if k != "finite"}
+    scalars.update({
+        "train/learning_rate": float(schedule(step)),
+        "perf/structures_per_s": graphs / elapsed,
+        "perf/atoms_per_s": atoms / elapsed,
+        "perf/step_time_s": elapsed / len(pending),
+        "perf/padding_efficiency_nodes": atoms / (
+            len(pending) * train_budget.n_node),
+        "perf/compiles": monitoring.compile_count() - compiles_at_start,
+    })
+    writer.write(step, scalars)
+    bar.set_postfix(loss=f"{scalars['train/loss']:.4g}",
+                    struct_s=f"{scalars['perf/structures_per_s']:.1f}")
+    pending.clear()
+    window_start = time.perf_counter()
+
+  try:
+    for step in range(start, config.train.num_steps):
+      batch = next(train_iter)
+      n_graphs = int(batch.globals["mask"].sum())
+      n_atoms = int(batch.nodes["mask"].sum())
+      state, step_metrics = step_fn(state, batch)
+      pending.append((step, step_metrics, n_graphs, n_atoms))
+      done = step + 1
+      bar.update(1)
+      last = done == config.train.num_steps
+      if step == start:  # Compilation: check the step, restart the clock.
+        flush(done, write=False)
+      if done % config.train.log_every == 0 or last:
+        flush(done)
+      if done % config.train.eval_every == 0 or last:
+        flush(done)
+        eval_results = evaluate(done)
+        if warm_compiles is None:
+          warm_compiles = monitoring.compile_count()
+        window_start = time.perf_counter()
+      if done % config.train.checkpoint_every == 0 or last:
+        flush(done)
+        save(done, eval_results if done % config.train.eval_every == 0
+             or last else None)
+  finally:
+    bar.close()
+    ckpt.wait_until_finished()
+    best.wait_until_finished()
+
+  if not eval_results or int(state.step) != config.train.num_steps:
+    eval_results = evaluate(int(state.step))
+  compiles = monitoring.compile_count()
+  result = {
+      "step": int(state.step),
+      "num_params": num_params,
+      "metrics": eval_results,
+      "baselines": baselines,
+      "train_budget": dataclasses.asdict(train_budget),
+      "padding_efficiency": efficiency,
+      "compiles_total": compiles - compiles_at_start,
+      "recompiles_after_warmup": (compiles - warm_compiles
+                                  if warm_compiles is not None else None),
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump(result, f, indent=1)
+  writer.close()
+  ckpt.close()
+  best.close()
+  return result

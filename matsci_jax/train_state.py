@@ -1,0 +1,57 @@
+"""The immutable training state and the optimizer built from a config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training step reads and writes.
+
+  Attributes:
+    step: int32 scalar, number of updates applied.
+    params: model variables ({"params": ...}).
+    opt_state: optax state.
+    ema_params: exponential moving average of `params`, used for evaluation.
+    rng: PRNG key for stochastic layers and data augmentation.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: jax.Array
+
+  @classmethod
+  def create(cls, params, optimizer: optax.GradientTransformation,
+             rng: jax.Array) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), params=params,
+               opt_state=optimizer.init(params),
+               ema_params=jax.tree_util.tree_map(jnp.copy, params), rng=rng)
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """Linear warm-up to `learning_rate`, then cosine decay to `end_factor`."""
+  total = max(int(config.train.num_steps), 1)
+  warmup = min(int(config.optimizer.warmup_steps), total - 1)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.optimizer.learning_rate,
+      warmup_steps=warmup, decay_steps=total,
+      end_value=config.optimizer.learning_rate
+      * config.optimizer.end_lr_factor)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """AdamW with the schedule above and global-norm gradient clipping."""
+  transforms = []
+  if config.optimizer.clip_norm:
+    transforms.append(optax.clip_by_global_norm(config.optimizer.clip_norm))
+  transforms.append(optax.adamw(learning_rate_schedule(config),
+                                b1=config.optimizer.b1, b2=config.optimizer.b2,
+                                weight_decay=config.optimizer.weight_decay))
+  return optax.chain(*transforms)
