@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Loss: errors in units of the normaliser's scale.
   config.loss = ml_collections.ConfigDict()
-  config.loss.energy_weight = 1.0
+  config.loss.energy_weight = 5.0
   config.loss.force_weight = 10.0
   config.loss.energy_loss = "mae"
   config.loss.energy_per_atom = True
@@ -70,11 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Training loop, evaluation, checkpoints and logs.
   config.train = ml_collections.ConfigDict()
-  config.train.num_steps = 1500
+  config.train.num_steps = 3000
   config.train.seed = 0
   config.train.log_every = 50
-  config.train.eval_every = 500
-  config.train.checkpoint_every = 500
+  config.train.eval_every = 1000
+  config.train.checkpoint_every = 1000
   config.train.keep_checkpoints = 3
   config.train.best_metric = "val/force_mae"
   config.train.progress_bar = True

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import time
 from typing import Any
 
@@ -46,6 +47,8 @@ REQUIRED_FIELDS = {
               "progress_bar"),
 }
 MODEL_FILE = "model.json"
+# Fault injection for resume tests: SIGKILL this process after that step.
+KILL_AT_STEP_ENV = "MATSCI_JAX_FAULT_KILL_AT_STEP"
 
 
 class ConfigError(ValueError):
@@ -311,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                   disable=not config.train.progress_bar or
                   jax.process_index() != 0, dynamic_ncols=True)
 
-  def flush(step, write=True):
+  def flush(step):
     """Fetches pending step metrics, stops on a non-finite loss, logs."""
     nonlocal window_start
     if not pending:
@@ -323,42 +326,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             f"loss or gradient is not finite at step {s} (loss={m['loss']}); "
             f"the run stops here and saves nothing from this step on. "
             f"Latest checkpoint: {ckpt.latest_step()} in {workdir}")
-    if not write:
-      pending.clear()
-      window_start = time.perf_counter()
-      return
     elapsed = max(time.perf_counter() - window_start, 1e-9)
-    graphs = sum(p[2] for p in pending)
-    atoms = sum(p[3] for p in pending)
+    # Steps that include compilation (graphs = None) are not timed.
+    timed = [p for p in pending if p[2] is not None]
+    graphs = sum(p[2] for p in timed)
+    atoms = sum(p[3] for p in timed)
     scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched]))
                for k in fetched[0] if k != "finite"}
     scalars.update({
         "train/learning_rate": float(schedule(step)),
-        "perf/structures_per_s": graphs / elapsed,
-        "perf/atoms_per_s": atoms / elapsed,
-        "perf/step_time_s": elapsed / len(pending),
-        "perf/padding_efficiency_nodes": atoms / (
-            len(pending) * train_budget.n_node),
         "perf/compiles": monitoring.compile_count() - compiles_at_start,
     })
+    if timed:
+      scalars.update({
+          "perf/structures_per_s": graphs / elapsed,
+          "perf/atoms_per_s": atoms / elapsed,
+          "perf/step_time_s": elapsed / len(timed),
+          "perf/padding_efficiency_nodes": atoms / (
+              len(timed) * train_budget.n_node),
+      })
     writer.write(step, scalars)
     bar.set_postfix(loss=f"{scalars['train/loss']:.4g}",
-                    struct_s=f"{scalars['perf/structures_per_s']:.1f}")
+                    struct_s=f"{scalars.get('perf/structures_per_s', 0):.1f}")
     pending.clear()
     window_start = time.perf_counter()
 
+  kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
   try:
     for step in range(start, config.train.num_steps):
       batch = next(train_iter)
       n_graphs = int(batch.globals["mask"].sum())
       n_atoms = int(batch.nodes["mask"].sum())
       state, step_metrics = step_fn(state, batch)
-      pending.append((step, step_metrics, n_graphs, n_atoms))
       done = step + 1
       bar.update(1)
       last = done == config.train.num_steps
-      if step == start:  # Compilation: check the step, restart the clock.
-        flush(done, write=False)
+      if step == start:  # Compilation: keep its metrics, do not time it.
+        jax.block_until_ready(step_metrics)
+        pending.append((step, step_metrics, None, None))
+        window_start = time.perf_counter()
+      else:
+        pending.append((step, step_metrics, n_graphs, n_atoms))
       if done % config.train.log_every == 0 or last:
         flush(done)
       if done % config.train.eval_every == 0 or last:
@@ -371,6 +379,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         flush(done)
         save(done, eval_results if done % config.train.eval_every == 0
              or last else None)
+      if done == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
   finally:
     bar.close()
     ckpt.wait_until_finished()

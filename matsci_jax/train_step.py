@@ -80,7 +80,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
     ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p,
                                  state.ema_params, params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                      ema_params=ema, rng=jax.random.fold_in(state.rng, 1))

@@ -39,3 +39,12 @@ def devset(tmp_path_factory) -> pathlib.Path:
   out = tmp_path_factory.mktemp("devset") / "devset"
   make_devset.build_devset(out, progress=False)
   return out
+
+
+@pytest.fixture(scope="session")
+def small_devset(tmp_path_factory) -> pathlib.Path:
+  """A 12-system dev set (a few seconds), for training tests."""
+  from data_prep import make_devset
+  out = tmp_path_factory.mktemp("small_devset") / "devset"
+  make_devset.build_devset(out, num_systems=12, workers=1, progress=False)
+  return out

@@ -101,10 +101,9 @@ class Structure:
 def validate(s: Structure) -> Structure:
   """Checks a structure and returns it; raises `DataError` on the first problem.
 
-  Checks shapes, finiteness of positions and cell, atomic numbers in 1..118 and
-  a non-singular cell along periodic directions. Targets may be missing but,
-  when present, must have the right shape (NaN targets are caught by the
-  trainer, which knows whether a split must carry them).
+  Checks shapes, finiteness of positions, cell and targets, atomic numbers
+  in 1..118 and a non-singular cell along periodic directions. Targets may
+  be missing (test splits) but, when present, must be finite and well shaped.
   """
   path, key = s.source
 
@@ -144,6 +143,15 @@ def validate(s: Structure) -> Structure:
     fail(f"fixed has shape {s.fixed.shape}, expected ({n},)")
   if s.forces is not None and s.forces.shape != (n, 3):
     fail(f"forces have shape {s.forces.shape}, expected ({n}, 3)")
+  for name in ("energy", "energy_relaxed"):
+    value = getattr(s, name)
+    if value is not None and not np.isfinite(value):
+      fail(f"{name} target is {value}")
+  for name in ("forces", "positions_relaxed"):
+    value = getattr(s, name)
+    if value is not None and not np.all(np.isfinite(value)):
+      bad = int(np.argwhere(~np.isfinite(value))[0, 0])
+      fail(f"{name} target contains NaN or inf (first at atom {bad})")
   if (s.positions_relaxed is not None
       and s.positions_relaxed.shape != (n, 3)):
     fail(f"positions_relaxed have shape {s.positions_relaxed.shape}, "

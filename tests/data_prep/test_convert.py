@@ -171,6 +171,9 @@ BAD_ENTRIES = {
                                           np.float32)),
                       r"cell is singular"),
     "foreign_global": (pickle.dumps(os.getcwd), r"refusing to load global"),
+    "nan_energy": (_good(energy=np.float64(np.nan)), r"energy target is nan"),
+    "inf_forces": (_good(forces=np.full((4, 3), np.inf, np.float32)),
+                   r"forces target contains NaN or inf"),
 }
 
 

@@ -1,0 +1,116 @@
+"""EGNN: symmetries, forces as gradients, padding and ordering invariance."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase.build import add_adsorbate, bulk, fcc111, molecule
+
+from matsci_jax import models, testing
+from matsci_jax.data import batching
+from matsci_jax.data.graphs import batch_examples, graph_from_atoms
+from matsci_jax.energy import Normalizer, make_energy_and_forces_fn
+
+CUTOFF = 4.0
+
+
+def _structures():
+  slab = fcc111("Cu", (2, 2, 3), vacuum=5.0)
+  add_adsorbate(slab, "O", 1.4, "fcc")
+  slab.pbc = True
+  slab.rattle(0.05, seed=0)
+  cell = bulk("Pt", "fcc", a=3.9, cubic=True)
+  cell.rattle(0.05, seed=1)
+  mol = molecule("CH3OH")
+  mol.pbc = False
+  return [slab, cell, mol]
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "coords"])
+def setup(request):
+  model = models.get("egnn", hidden_dim=16, num_layers=2, num_radial=4,
+                     cutoff=CUTOFF, readout_hidden=8,
+                     coordinate_update=request.param)
+  graph = batch_examples([graph_from_atoms(a, CUTOFF, None)
+                          for a in _structures()])
+  params = model.init(jax.random.PRNGKey(0), graph)
+  # Random-ish output bias so energies are not trivially zero.
+  norm = Normalizer(scale=jnp.float32(1.0), shift=jnp.float32(0.1),
+                    element_energies=jnp.zeros(119, jnp.float32))
+  fn = jax.jit(make_energy_and_forces_fn(model, norm))
+  return fn, params
+
+
+def test_energy_invariance_and_force_equivariance(setup):
+  fn, params = setup
+  testing.check_symmetries(fn, params, _structures(), CUTOFF)
+
+
+def test_forces_equal_finite_differences(setup):
+  fn, params = setup
+  for atoms in _structures():
+    testing.check_forces_are_gradients(fn, params, atoms, CUTOFF, delta=1e-2,
+                                       atoms_to_check=(0, len(atoms) - 1))
+
+
+def test_forces_are_nonzero_and_finite_with_padding(setup):
+  fn, params = setup
+  examples = [graph_from_atoms(a, CUTOFF, None) for a in _structures()]
+  graph = batch_examples(examples, extra_graphs=3)
+  energies, forces = fn(params, graph)
+  assert np.isfinite(np.asarray(forces)).all()
+  n = sum(len(e["atomic_numbers"]) for e in examples)
+  assert np.abs(np.asarray(forces)[:n]).max() > 1e-4
+  assert np.all(np.asarray(forces)[n:] == 0)
+  assert np.all(np.asarray(energies)[3:] == 0)
+
+
+def test_padding_and_order_do_not_change_outputs(setup):
+  fn, params = setup
+  examples = [graph_from_atoms(a, CUTOFF, None) for a in _structures()]
+  sizes = [len(e["atomic_numbers"]) for e in examples]
+  e1, f1 = testing.predict(fn, params, _structures(), CUTOFF)
+  # Much larger budget: more padding nodes, edges and graphs.
+  big = batching.Budget(n_node=sum(sizes) + 57, n_edge=5000, n_graph=9)
+  e2, f2 = fn(params, batch_examples(examples, big))
+  np.testing.assert_allclose(np.asarray(e2)[:3], e1, rtol=1e-6, atol=1e-6)
+  # Reversed order within the batch.
+  e3, f3 = fn(params, batch_examples(examples[::-1]))
+  np.testing.assert_allclose(np.asarray(e3)[:3][::-1], e1, rtol=1e-6, atol=1e-6)
+  f3 = np.asarray(f3)
+  start = 0
+  for k in (2, 1, 0):
+    np.testing.assert_allclose(f3[start:start + sizes[k]], f1[k], atol=1e-6)
+    start += sizes[k]
+  # Each structure alone gives the same as in the batch.
+  for k, ex in enumerate(examples):
+    e4, f4 = fn(params, batch_examples([ex]))
+    np.testing.assert_allclose(np.asarray(e4)[0], e1[k], rtol=1e-6, atol=1e-6)
+
+
+def test_smooth_at_the_cutoff():
+  """Energy is continuous as an atom crosses the cutoff."""
+  model = models.get("egnn", hidden_dim=8, num_layers=1, num_radial=4,
+                     cutoff=CUTOFF, readout_hidden=4)
+  import ase
+  def dimer(d):
+    return ase.Atoms("CuO", positions=[[0, 0, 0], [d, 0, 0]], pbc=False)
+  graphs = [batch_examples([graph_from_atoms(dimer(d), CUTOFF + 1, None)])
+            for d in (CUTOFF - 1e-3, CUTOFF + 1e-3, CUTOFF + 0.5)]
+  params = model.init(jax.random.PRNGKey(1), graphs[0])
+  fn = make_energy_and_forces_fn(model, Normalizer.identity())
+  (e_in, f_in), (e_out, f_out), (e_far, _) = [fn(params, g) for g in graphs]
+  assert abs(float(e_in[0] - e_out[0])) < 1e-5
+  assert abs(float(e_out[0] - e_far[0])) < 1e-6
+  assert np.abs(np.asarray(f_in)).max() < 1e-4
+
+
+def test_registry_from_config_rejects_unknown_fields():
+  import ml_collections
+  cfg = ml_collections.ConfigDict({"name": "egnn", "hidden_dim": 8,
+                                   "width": 3})
+  with pytest.raises(ValueError, match=r"\['width'\]"):
+    models.from_config(cfg)
+  with pytest.raises(KeyError, match="unknown model"):
+    models.get("nope")
+  assert "egnn" in models.names()

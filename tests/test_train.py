@@ -1,0 +1,147 @@
+"""The training job end to end on a tiny config (configs/test.py)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import test as test_config
+from matsci_jax import train
+from matsci_jax.data.dataset_io import DatasetError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(small_devset, **overrides):
+  config = test_config.get_config()
+  config.data.path = str(small_devset / "s2ef")
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  return config
+
+
+def _train_losses(workdir):
+  with open(os.path.join(workdir, "metrics.csv")) as f:
+    rows = [r for r in csv.DictReader(f) if r["metric"] == "train/loss"]
+  return [(int(r["step"]), float(r["value"])) for r in rows]
+
+
+def test_test_config_lowers_the_loss(small_devset, tmp_path):
+  result = train.train_and_evaluate(_config(small_devset), str(tmp_path))
+  losses = _train_losses(tmp_path)
+  assert losses[0][0] == 10 and losses[-1][0] == 40
+  assert losses[-1][1] < 0.7 * losses[0][1], losses
+  saved = json.load(open(tmp_path / "metrics.json"))
+  assert saved["step"] == 40 and saved["recompiles_after_warmup"] == 0
+  m = result["metrics"]
+  assert m["val/num_structures"] > 0 and np.isfinite(m["val/force_mae"])
+  assert {"val/energy_mae", "val/force_mae", "val/force_cos", "val/efwt"} <= set(m)
+  assert os.listdir(tmp_path / "tensorboard")
+  metrics = {r["metric"] for r in csv.DictReader(open(tmp_path / "metrics.csv"))}
+  assert {"train/learning_rate", "perf/structures_per_s", "perf/atoms_per_s",
+          "perf/padding_efficiency_nodes", "perf/compiles"} <= metrics
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["30", "40"]
+  assert len(os.listdir(tmp_path / "best")) == 1
+
+
+def _params_at(workdir, step):
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                             item_names=("state", "data")) as mngr:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+  return restored.state
+
+
+def test_killed_run_resumes_and_reproduces(small_devset, tmp_path):
+  config = _config(small_devset)
+  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+
+  killed = tmp_path / "killed"
+  env = dict(os.environ, **{train.KILL_AT_STEP_ENV: "25"})
+  proc = subprocess.run(
+      [sys.executable, "-m", "matsci_jax.main", "--config=configs/test.py",
+       f"--config.data.path={small_devset / 's2ef'}", f"--workdir={killed}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  assert not (killed / "metrics.json").exists()
+  # Step 20's checkpoint may have been cut off mid-write by the kill; only
+  # complete ones count, and the resumed run starts from the latest of those.
+  complete = [d for d in os.listdir(killed / "checkpoints") if d.isdigit()]
+  assert complete and set(complete) <= {"10", "20"}
+
+  resumed = train.train_and_evaluate(config, str(killed))
+  assert resumed["metrics"] == straight["metrics"]
+  a, b = _params_at(tmp_path / "straight", 40), _params_at(killed, 40)
+  import jax
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The resumed run logged from step 20 on: its losses repeat the originals.
+  straight_losses = dict(_train_losses(tmp_path / "straight"))
+  for step, loss in _train_losses(killed):
+    assert loss == pytest.approx(straight_losses[step], rel=1e-6)
+
+
+def test_corrupt_dataset_folder_is_a_clear_error(small_devset, tmp_path):
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  for name in os.listdir(small_devset / "s2ef"):
+    if not name.startswith("dataset_info"):
+      os.symlink(small_devset / "s2ef" / name, broken / name)
+  with pytest.raises(DatasetError, match="missing dataset_info.json"):
+    train.train_and_evaluate(_config(small_devset, **{"data.path": str(broken)}),
+                             str(tmp_path / "run"))
+
+
+def test_missing_config_field_is_a_clear_error(small_devset, tmp_path):
+  config = ml_collections.ConfigDict(_config(small_devset).to_dict())
+  del config.loss["force_weight"]
+  with pytest.raises(train.ConfigError, match=r"'loss.force_weight'"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_split_without_targets_is_a_clear_error(tmp_path):
+  from ase.build import fcc100
+  import ase.io
+  from data_prep import convert
+  atoms = fcc100("Cu", (2, 2, 2), vacuum=4.0)
+  atoms.pbc = True
+  ase.io.write(tmp_path / "x.extxyz", [atoms] * 3)
+  convert.convert({"train": [str(tmp_path / "x.extxyz")],
+                   "val": [str(tmp_path / "x.extxyz")]}, tmp_path / "ds",
+                  task="s2ef", workers=1, progress=False)
+  config = test_config.get_config()
+  config.data.path = str(tmp_path / "ds")
+  with pytest.raises(DatasetError, match=r"split 'train' has no energy / forces"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_nan_target_is_a_clear_error(small_devset, tmp_path):
+  check = train._TargetCheck("s2ef", "train")
+  from matsci_jax.data import batching, dataset_io
+  split = dataset_io.Dataset(str(small_devset / "s2ef")).split("train")
+  examples = [split.source[i] for i in range(3)]
+  examples[1] = dict(examples[1], energy=np.float32(np.nan))
+  batch = batching.collate(examples, batching.Budget(200, 8000, 5))
+  with pytest.raises(DatasetError, match=r"sid=\d+ fid=\d+ has a NaN or infinite energy"):
+    check(batch)
+  examples[1] = dict(examples[1], energy=np.float32(1.0))
+  forces = examples[2]["forces"].copy()
+  forces[3, 1] = np.inf
+  examples[2] = dict(examples[2], forces=forces)
+  with pytest.raises(DatasetError, match="infinite forces"):
+    check(batching.collate(examples, batching.Budget(200, 8000, 5)))
+
+
+def test_non_finite_loss_stops_and_names_the_step(small_devset, tmp_path):
+  config = _config(small_devset, **{"loss.force_weight": float("nan")})
+  with pytest.raises(train.NonFiniteLossError, match="not finite at step 0"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(
+      tmp_path / "checkpoints")
