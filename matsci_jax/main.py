@@ -20,6 +20,17 @@ _WORKDIR = flags.DEFINE_string(
     "under ./runs/). Reusing a workdir resumes its run.")
 
 
+def _fresh_workdir() -> str:
+  """A new folder under ./runs/ (never an existing run, which would resume)."""
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  path, k = os.path.join("runs", stamp), 1
+  while os.path.exists(path):
+    k += 1
+    path = os.path.join("runs", f"{stamp}-{k}")
+  os.makedirs(path)
+  return path
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -29,8 +40,7 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/s2ef.py")
-  workdir = _WORKDIR.value or os.path.join(
-      "runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+  workdir = _WORKDIR.value or _fresh_workdir()
   logging.info("workdir: %s", os.path.abspath(workdir))
   result = train.train_and_evaluate(config, workdir)
   metrics = result["metrics"]

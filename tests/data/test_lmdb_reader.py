@@ -182,3 +182,29 @@ def test_reader_refuses_foreign_pickles(tmp_path):
   reader = LmdbReader(str(tmp_path / "bad.lmdb"))
   with pytest.raises(DataError, match=r"bad.lmdb, entry '0'.*refusing to load global"):
     reader[0]
+
+
+def test_ase_database_and_trajectory_files(tmp_path):
+  import ase.db
+  import ase.io
+  from ase.build import bulk
+  from ase.calculators.emt import EMT
+  frames = []
+  for k in range(3):
+    atoms = bulk("Cu", "fcc", a=3.6 + 0.02 * k) * (2, 1, 1)
+    atoms.calc = EMT()
+    atoms.get_forces()
+    frames.append(atoms)
+  ase.io.write(tmp_path / "f.traj", frames)
+  with ase.db.connect(str(tmp_path / "f.db")) as db:
+    for k, atoms in enumerate(frames):
+      db.write(atoms, sid=100 + k)
+  for name in ("f.traj", "f.db"):
+    (reader,) = open_readers(str(tmp_path / name))
+    assert len(reader) == 3
+    for k in range(3):
+      s = reader[k]
+      assert s.num_atoms == 2
+      assert abs(s.energy - frames[k].get_potential_energy()) < 1e-9
+      np.testing.assert_allclose(s.forces, frames[k].get_forces(), atol=1e-12)
+  assert [reader[k].sid for k in range(3)] == [100, 101, 102]  # From the db.
