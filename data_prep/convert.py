@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import multiprocessing
 import os
 import shutil
 import sys
@@ -33,8 +32,8 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import tqdm
 
-from matsci_jax.data import dataset_io, readers as readers_lib, schema
-from matsci_jax.data.neighbors import neighbor_list
+from matsci_jax.data import dataset_io, processes, readers as readers_lib, schema
+from matsci_jax.data.neighbors import NEIGHBOR_RULE, neighbor_list
 from matsci_jax.data.statistics import SplitStatistics, summarize
 from matsci_jax.data.structure import DataError, validate
 
@@ -203,6 +202,7 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
 
   parent = os.path.dirname(output)
   os.makedirs(parent, exist_ok=True)
+  _remove_stale_partials(parent, os.path.basename(output))
   tmp = os.path.join(parent, f".{os.path.basename(output)}.partial-"
                      f"{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
@@ -214,7 +214,7 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
       results = map(_process, jobs)
       pool = None
     else:
-      pool = multiprocessing.get_context("fork").Pool(
+      pool = processes.pool_context().Pool(
           workers, _init_worker, (readers, task, cutoff, max_neighbors))
       results = pool.imap(_process, jobs, chunksize=1)
     bar = tqdm.tqdm(total=total, unit="struct", disable=not progress,
@@ -256,6 +256,7 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
         "name": name,
         "cutoff": float(cutoff),
         "max_neighbors": max_neighbors,
+        "neighbor_rule": NEIGHBOR_RULE,
         "inputs": [{"split": s, "path": os.path.abspath(p)} for s, p in pairs],
         "split_seed": split_seed,
         "subtract_reference": subtract_reference,
@@ -287,6 +288,24 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
   return Summary(output=output,
                  counts={s: len(st.n_atoms) for s, st in stats.items()},
                  skipped=len(skipped), seconds=time.time() - t0)
+
+
+def _remove_stale_partials(parent: str, base: str) -> None:
+  """Deletes temporary folders left by conversions that were killed."""
+  prefix = f".{base}.partial-"
+  for name in os.listdir(parent):
+    if not name.startswith(prefix) or not name[len(prefix):].isdigit():
+      continue
+    pid = int(name[len(prefix):])
+    try:
+      os.kill(pid, 0)
+      alive = pid != os.getpid()
+    except ProcessLookupError:
+      alive = False
+    except PermissionError:
+      alive = True
+    if not alive:
+      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def _flag_problem(expected: dict, got: dict, split: str) -> str:

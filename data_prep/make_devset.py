@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing
 import os
 import shutil
 import tempfile
@@ -54,6 +53,8 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 from ase.optimize import LBFGS
 from tqdm import tqdm
+
+from matsci_jax.data import processes
 
 DEFAULT_NUM_SYSTEMS = 300
 VAL_FRACTION = 0.1
@@ -273,7 +274,7 @@ def generate_raw(raw_dir: str | os.PathLike, *, seed: int = 0,
         # Ordered imap: the output does not depend on the worker
         # count, and frames are written while later systems run.
         pool = stack.enter_context(
-            multiprocessing.get_context("fork").Pool(workers))
+            processes.pool_context().Pool(workers))
         results = pool.imap(_run_system, jobs)
       else:
         results = map(_run_system, jobs)

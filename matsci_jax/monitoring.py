@@ -35,6 +35,20 @@ def compile_count() -> int:
   return _compiles
 
 
+def drop_rows_after(workdir: str, step: int) -> None:
+  """Removes CSV rows logged after `step` (a resumed run logs them again)."""
+  path = os.path.join(workdir, "metrics.csv")
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path, newline="") as f:
+    rows = list(csv.reader(f))
+  keep = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step]
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    csv.writer(f).writerows(keep)
+  os.replace(tmp, path)
+
+
 class MetricWriter:
   """Writes scalars to `metrics.csv` and TensorBoard event files.
 

@@ -74,6 +74,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       f"{config.data.task!r}")
   if config.train.num_steps < 1:
     raise ConfigError("config.train.num_steps must be at least 1")
+  split, _, metric = config.train.best_metric.partition("/")
+  known = (("energy_mae", "ewt", "loss", "force_mae", "force_cos", "efwt")
+           if config.data.task == "s2ef" else ("energy_mae", "ewt", "loss"))
+  if split not in config.data.eval_splits or metric not in known:
+    raise ConfigError(
+        f"config.train.best_metric {config.train.best_metric!r} must be "
+        f"'<eval split>/<metric>' with a split of config.data.eval_splits "
+        f"{tuple(config.data.eval_splits)} and a metric of {known}")
 
 
 def dataset_folder(config) -> str:
@@ -82,8 +90,14 @@ def dataset_folder(config) -> str:
     return os.path.expanduser(config.data.path)
   root = os.path.expanduser(config.data.devset_dir)
   from data_prep import make_devset
-  if not os.path.exists(os.path.join(root, make_devset.MARKER)):
-    logging.info("building the EMT dev set in %s (first use)", root)
+  marker = os.path.join(root, make_devset.MARKER)
+  built = None
+  if os.path.exists(marker):
+    with open(marker) as f:
+      built = json.load(f).get("num_systems")
+  if built != config.data.devset_num_systems:
+    logging.info("building the EMT dev set in %s (%d systems)", root,
+                 config.data.devset_num_systems)
     make_devset.build_devset(root, num_systems=config.data.devset_num_systems,
                              overwrite=True,
                              progress=config.train.progress_bar)
@@ -91,8 +105,10 @@ def dataset_folder(config) -> str:
 
 
 def _budget(config, sizes: np.ndarray) -> batching.Budget:
+  # A given node budget also sizes the edge and graph budgets.
   auto = batching.compute_budget(sizes, config.data.batch_size,
-                                 seed=config.data.seed)
+                                 seed=config.data.seed,
+                                 n_node=config.data.max_nodes or None)
   return batching.Budget(
       n_node=config.data.max_nodes or auto.n_node,
       n_edge=config.data.max_edges or auto.n_edge,
@@ -191,6 +207,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     ConfigError, DatasetError, NonFiniteLossError.
   """
   check_config(config)
+  if jax.process_count() > 1:
+    raise NotImplementedError(
+        "multi-process training needs cross-process gradient averaging, "
+        "which this trainer does not do yet; run one process per host group")
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   task = config.data.task
@@ -284,6 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     state = restored.state
     train_iter.set_state(restored.data)
     logging.info("resumed from step %d of %s", start, workdir)
+    monitoring.drop_rows_after(workdir, start)  # Steps about to be redone.
   start = int(state.step)
 
   writer = monitoring.MetricWriter(workdir)
@@ -323,7 +344,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     for (s, _, _, _), m in zip(pending, fetched):
       if not bool(m["finite"]):
         raise NonFiniteLossError(
-            f"loss or gradient is not finite at step {s} (loss={m['loss']}); "
+            f"loss or gradient is not finite at step {s + 1} "
+            f"(loss={m['loss']}); "
             f"the run stops here and saves nothing from this step on. "
             f"Latest checkpoint: {ckpt.latest_step()} in {workdir}")
     elapsed = max(time.perf_counter() - window_start, 1e-9)
@@ -334,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched]))
                for k in fetched[0] if k != "finite"}
     scalars.update({
-        "train/learning_rate": float(schedule(step)),
+        "train/learning_rate": float(schedule(step - 1)),
         "perf/compiles": monitoring.compile_count() - compiles_at_start,
     })
     if timed:

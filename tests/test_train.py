@@ -40,6 +40,7 @@ def test_test_config_lowers_the_loss(small_devset, tmp_path):
   assert losses[-1][1] < 0.7 * losses[0][1], losses
   saved = json.load(open(tmp_path / "metrics.json"))
   assert saved["step"] == 40 and saved["recompiles_after_warmup"] == 0
+  assert saved["compiles_total"] > 0  # The counter sees compilations.
   m = result["metrics"]
   assert m["val/num_structures"] > 0 and np.isfinite(m["val/force_mae"])
   assert {"val/energy_mae", "val/force_mae", "val/force_cos", "val/efwt"} <= set(m)
@@ -82,10 +83,13 @@ def test_killed_run_resumes_and_reproduces(small_devset, tmp_path):
   import jax
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  # The resumed run logged from step 20 on: its losses repeat the originals.
-  straight_losses = dict(_train_losses(tmp_path / "straight"))
-  for step, loss in _train_losses(killed):
-    assert loss == pytest.approx(straight_losses[step], rel=1e-6)
+  # The resumed run logged again from its checkpoint on: one row per step,
+  # and the losses repeat the uninterrupted run's.
+  straight_losses = _train_losses(tmp_path / "straight")
+  resumed_losses = _train_losses(killed)
+  assert [s for s, _ in resumed_losses] == [s for s, _ in straight_losses]
+  for (_, a), (_, b) in zip(resumed_losses, straight_losses):
+    assert a == pytest.approx(b, rel=1e-6)
 
 
 def test_corrupt_dataset_folder_is_a_clear_error(small_devset, tmp_path):
@@ -97,6 +101,22 @@ def test_corrupt_dataset_folder_is_a_clear_error(small_devset, tmp_path):
   with pytest.raises(DatasetError, match="missing dataset_info.json"):
     train.train_and_evaluate(_config(small_devset, **{"data.path": str(broken)}),
                              str(tmp_path / "run"))
+
+
+def test_bad_best_metric_is_a_clear_error(small_devset, tmp_path):
+  config = _config(small_devset, **{"train.best_metric": "test/force_mae"})
+  with pytest.raises(train.ConfigError, match="best_metric"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_node_budget_alone_sizes_edges_and_graphs(small_devset):
+  from matsci_jax.data import dataset_io
+  sizes = dataset_io.Dataset(str(small_devset / "s2ef")).split("train").sizes
+  config = _config(small_devset, **{"data.max_nodes": 400})
+  budget = train._budget(config, sizes)
+  auto = train._budget(_config(small_devset), sizes)
+  assert budget.n_node == 400 and budget.n_edge > 2 * auto.n_edge
+  assert budget.n_graph > auto.n_graph
 
 
 def test_missing_config_field_is_a_clear_error(small_devset, tmp_path):
@@ -141,7 +161,20 @@ def test_nan_target_is_a_clear_error(small_devset, tmp_path):
 
 def test_non_finite_loss_stops_and_names_the_step(small_devset, tmp_path):
   config = _config(small_devset, **{"loss.force_weight": float("nan")})
-  with pytest.raises(train.NonFiniteLossError, match="not finite at step 0"):
+  with pytest.raises(train.NonFiniteLossError, match="not finite at step 1 "):
     train.train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(
       tmp_path / "checkpoints")
+
+
+def test_devset_cache_is_rebuilt_when_its_size_changes(tmp_path):
+  config = test_config.get_config()
+  config.data.devset_dir = str(tmp_path / "cache")
+  config.data.devset_num_systems = 3
+  folder = train.dataset_folder(config)
+  from matsci_jax.data import dataset_io
+  n3 = len(dataset_io.Dataset(folder).split("train"))
+  assert train.dataset_folder(config) == folder  # Reused as it is.
+  config.data.devset_num_systems = 5
+  n5 = len(dataset_io.Dataset(train.dataset_folder(config)).split("train"))
+  assert n5 > n3

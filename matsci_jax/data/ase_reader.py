@@ -183,11 +183,18 @@ class AseReader:
       try:
         frames = ase.io.read(self.path, index=f"{start}:{stop}",
                              format=self.format)
-      except Exception as e:
-        raise DataError(self.path, f"{start}:{stop}",
-                        f"ASE cannot read these frames: {e}") from e
+      except Exception:  # A bad frame: fall back to reading one by one.
+        frames = [None] * (stop - start)
       self._block = (start, frames)
-    return frames[i - start]
+    frame = frames[i - start]
+    if frame is None:
+      import ase.io
+      try:
+        frame = ase.io.read(self.path, index=i, format=self.format)
+      except Exception as e:
+        raise DataError(self.path, i, f"ASE cannot read this frame: "
+                        f"{type(e).__name__}: {e}") from e
+    return frame
 
   def __getitem__(self, i: int) -> Structure:
     if not 0 <= i < self._n:

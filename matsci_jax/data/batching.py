@@ -97,7 +97,7 @@ def padding_efficiency(batches: Sequence[np.ndarray], sizes: np.ndarray,
 
 
 def compute_budget(sizes: np.ndarray, batch_size: int, *, seed: int = 0,
-                   sample: int = 20_000) -> Budget:
+                   sample: int = 20_000, n_node: int | None = None) -> Budget:
   """Chooses a budget that holds about `batch_size` average structures.
 
   The node budget is `batch_size` times the mean structure (at least the
@@ -110,12 +110,18 @@ def compute_budget(sizes: np.ndarray, batch_size: int, *, seed: int = 0,
     batch_size: average number of structures per batch.
     seed: seed of the simulated shuffles.
     sample: number of structures used in the simulation.
+    n_node: a node budget to use instead (edges and graphs follow it).
   """
   sizes = np.asarray(sizes, np.int64)
   if sizes.size == 0:
     raise ValueError("cannot choose a budget for an empty split")
   atoms, edges = sizes[:, 0], sizes[:, 1]
-  n_node = max(math.ceil(batch_size * atoms.mean()), int(atoms.max())) + 1
+  if n_node is None:
+    n_node = max(math.ceil(batch_size * atoms.mean()), int(atoms.max())) + 1
+  elif n_node < atoms.max() + 1:
+    raise BudgetError(f"node budget {n_node} cannot hold the largest "
+                      f"structure ({int(atoms.max())} atoms plus one padding "
+                      "node)")
   n_graph = (n_node - 1) // max(int(atoms.min()), 1) + 1
   rng = np.random.default_rng(seed)
   order = rng.permutation(len(sizes))[:sample]

@@ -210,9 +210,13 @@ class LmdbReader:
         self._entries.append((file_index, k))
 
   def _scan_keys(self, f: str) -> list[bytes]:
-    with _open(f).begin() as txn:
-      keys = [k for k in txn.cursor().iternext(keys=True, values=False)]
-      length_raw = txn.get(b"length")
+    try:
+      with _open(f).begin() as txn:
+        keys = [k for k in txn.cursor().iternext(keys=True, values=False)]
+        length_raw = txn.get(b"length")
+    except lmdb.Error as e:
+      raise DataError(f, None, f"cannot list the keys, the file is "
+                      f"damaged: {type(e).__name__}: {e}") from e
     int_keys = sorted((k for k in keys if k.isdigit()), key=int)
     if length_raw is not None:
       try:
@@ -238,8 +242,12 @@ class LmdbReader:
 
   def raw(self, i: int) -> bytes:
     file_index, k = self._entries[i]
-    with self._env(file_index).begin() as txn:
-      value = txn.get(k)
+    try:
+      with self._env(file_index).begin() as txn:
+        value = txn.get(k)
+    except lmdb.Error as e:
+      raise DataError(self.files[file_index], k.decode(),
+                      f"cannot read the value: {type(e).__name__}: {e}")
     if value is None:
       raise DataError(self.files[file_index], k.decode(), "key vanished")
     return value

@@ -7,9 +7,11 @@ i), and its vector points from the centre to the neighbour's image:
     vec = positions[senders] - positions[receivers] + cell_shifts @ cell
 
 Each centre keeps its `max_neighbors` nearest neighbours within `cutoff`
-(nearest first, ties broken by neighbour index, then image), so a stored OC20
-edge set of the same radius is a subset of ours: OC20's writer often keeps one
-fewer because its search returns the centre's own image in a slot.
+(nearest first, ties broken by neighbour index, then image). OC20's writer
+applies the same radius and cap but often keeps one neighbour fewer (its
+search returns the centre's own image in a slot) and breaks near-ties at the
+last slot differently, so stored OC20 edges and ours differ only among
+neighbours equidistant (to float32 precision) with the farthest one kept.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import vesin
+
+# Recorded in every converted dataset's metadata.
+NEIGHBOR_RULE = ("pairs with 0 < distance <= cutoff under periodic images; "
+                 "each centre keeps its max_neighbors nearest, ties broken "
+                 "by neighbour index, then image shift")
 
 
 class Edges(NamedTuple):

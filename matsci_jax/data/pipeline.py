@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import sys
+import threading
 from typing import Optional
 
 from absl import flags
@@ -24,7 +25,7 @@ import numpy as np
 
 from matsci_jax.data import batching
 from matsci_jax.data.batching import Budget
-from matsci_jax.data.dataset_io import Split
+from matsci_jax.data.dataset_io import DatasetError, Split
 
 
 class BatchPlan:
@@ -56,12 +57,29 @@ class BatchPlan:
     big = np.argmax(self.sizes[:, 0] + self.sizes[:, 1])
     budget.check(*self.sizes[big].tolist(), f"structure {int(big)}")
     self._ends: list[int] = []  # Cumulative batch counts per epoch.
-    self._cache: tuple[int, list] = (-1, [])
+    self._cache: dict[int, list] = {}
+    # grain's prefetch threads index the plan concurrently.
+    self._lock = threading.RLock()
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    del state["_lock"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.RLock()
 
   def epoch(self, e: int) -> list[np.ndarray]:
     """This shard's batches of epoch `e`."""
-    if self._cache[0] == e:
-      return self._cache[1]
+    with self._lock:
+      if e not in self._cache:
+        if len(self._cache) >= 2:  # Keep the current and the next epoch.
+          del self._cache[min(self._cache)]
+        self._cache[e] = self._pack_epoch(e)
+      return self._cache[e]
+
+  def _pack_epoch(self, e: int) -> list[np.ndarray]:
     n = len(self.sizes)
     order = (np.random.default_rng([self.seed, e]).permutation(n)
              if self.shuffle else np.arange(n))
@@ -69,22 +87,21 @@ class BatchPlan:
     per_shard = -(-len(batches) // self.shard_count)
     empty = np.zeros(0, np.int64)
     batches += [empty] * (per_shard * self.shard_count - len(batches))
-    mine = batches[self.shard_index::self.shard_count]
-    self._cache = (e, mine)
-    return mine
+    return batches[self.shard_index::self.shard_count]
 
   def batches_per_epoch(self, e: int = 0) -> int:
     return len(self.epoch(e))
 
   def _locate(self, i: int) -> tuple[int, int]:
-    while not self._ends or self._ends[-1] <= i:
-      e = len(self._ends)
-      if self.num_epochs is not None and e >= self.num_epochs:
-        raise IndexError(i)
-      self._ends.append((self._ends[-1] if self._ends else 0)
-                        + len(self.epoch(e)))
-    e = bisect.bisect_right(self._ends, i)
-    return e, i - (self._ends[e - 1] if e else 0)
+    with self._lock:
+      while not self._ends or self._ends[-1] <= i:
+        e = len(self._ends)
+        if self.num_epochs is not None and e >= self.num_epochs:
+          raise IndexError(i)
+        self._ends.append((self._ends[-1] if self._ends else 0)
+                          + len(self.epoch(e)))
+      e = bisect.bisect_right(self._ends, i)
+      return e, i - (self._ends[e - 1] if e else 0)
 
   def __len__(self) -> int:
     if self.num_epochs is None:
@@ -112,10 +129,19 @@ class _LoadBatch:
   """Reads and collates one planned batch (runs in grain workers)."""
   source: object
   budget: Budget
+  where: str
+
+  def _read(self, i: int) -> dict:
+    try:
+      return self.source[i]
+    except Exception as e:  # A damaged record: name it.
+      raise DatasetError(f"{self.where}, example {i}: cannot read it "
+                         f"({type(e).__name__}: {e}); convert the dataset "
+                         "again") from e
 
   def __call__(self, indices: np.ndarray):
-    examples = [self.source[int(i)] for i in indices]
-    template = None if examples else self.source[0]
+    examples = [self._read(int(i)) for i in indices]
+    template = None if examples else self._read(0)
     return batching.collate(examples, self.budget, template)
 
 
@@ -140,7 +166,8 @@ def batch_dataset(split: Split, budget: Budget, *, shuffle: bool,
   plan = BatchPlan(split.sizes, budget, shuffle=shuffle, seed=seed,
                    num_epochs=num_epochs, shard_index=shard_index,
                    shard_count=shard_count)
-  ds = grain.MapDataset.source(plan).map(_LoadBatch(split.source, budget))
+  ds = grain.MapDataset.source(plan).map(
+      _LoadBatch(split.source, budget, f"split {split.name!r}"))
   it = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=0 if worker_count else max(prefetch, 1),
       prefetch_buffer_size=prefetch))

@@ -84,18 +84,28 @@ def _storage_dtype(name: str):
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False,
                     hooks=None, metadata=None):
   del requires_grad, hooks, metadata
-  size, stride = tuple(size), tuple(stride)
-  itemsize = storage.dtype.itemsize
-  flat = storage[offset:]
-  if not size:
-    return flat[:1].reshape(()).copy()
-  needed = 1 + sum((s - 1) * st for s, st in zip(size, stride) if s > 0)
-  if min(size) > 0 and needed > flat.size:
+  if not isinstance(storage, np.ndarray) or storage.ndim != 1:
+    raise pickle.UnpicklingError("tensor storage is not a decoded storage")
+  size = tuple(int(s) for s in size)
+  stride = tuple(int(s) for s in stride)
+  offset = int(offset)
+  if (offset < 0 or len(size) != len(stride) or any(s < 0 for s in size)
+      or any(s < 0 for s in stride)):
     raise pickle.UnpicklingError(
-        f"tensor of size {size} and stride {stride} overruns its storage "
-        f"of {storage.size} elements")
+        f"invalid tensor layout: offset {offset}, size {size}, stride "
+        f"{stride}")
+  if 0 in size:
+    return np.zeros(size, storage.dtype)
+  # Bounds check before as_strided, which would read outside the buffer.
+  last = offset + sum((s - 1) * st for s, st in zip(size, stride))
+  if last >= storage.size:
+    raise pickle.UnpicklingError(
+        f"tensor of size {size}, stride {stride} and offset {offset} "
+        f"overruns its storage of {storage.size} elements")
+  itemsize = storage.dtype.itemsize
   return np.lib.stride_tricks.as_strided(
-      flat, shape=size, strides=[s * itemsize for s in stride]).copy()
+      storage[offset:], shape=size,
+      strides=[s * itemsize for s in stride]).copy()
 
 
 class _StorageRef:

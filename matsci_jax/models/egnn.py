@@ -53,6 +53,7 @@ class EGNNLayer(nn.Module):
     agg = agg / self.avg_num_neighbors
     if self.coordinate_update:
       w = nn.Dense(1, name="coord_out")(act(nn.Dense(d, name="coord")(m)))
+      w = w * envelope[:, None]  # Biases must not act beyond the cutoff.
       dx = jax.ops.segment_sum(vectors * w, graph.receivers,
                                num_segments=n_node, indices_are_sorted=True)
       x = x - dx / self.avg_num_neighbors * graph.nodes["mask"][:, None]

@@ -134,3 +134,44 @@ def test_pipeline_resumes_in_the_same_order(toy):
   assert _same(_take(it_mp, 47), _take(iter(ds), 47))
   shapes = {(g.nodes["positions"].shape, g.senders.shape) for g in expected}
   assert len(shapes) == 1  # One batch shape: the step compiles once.
+
+
+def test_batch_plan_is_thread_safe():
+  """grain's prefetch threads index the plan concurrently across epochs."""
+  import threading
+  sizes = _random_sizes(3, n=400)
+  budget = batching.compute_budget(sizes, 4)
+  reference = pipeline.BatchPlan(sizes, budget, shuffle=True, seed=2,
+                                 num_epochs=6)
+  expected = [reference[i] for i in range(len(reference))]
+  for trial in range(3):
+    plan = pipeline.BatchPlan(sizes, budget, shuffle=True, seed=2,
+                              num_epochs=None)
+    got = {}
+
+    def worker(offset):
+      for i in range(offset, len(expected), 4):
+        got[i] = plan[i]
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+    assert all(np.array_equal(got[i], expected[i]) for i in range(len(expected)))
+
+
+def test_damaged_record_names_split_and_example(toy, tmp_path):
+  import shutil
+  folder = tmp_path / "copy"
+  shutil.copytree(toy.folder, folder)
+  shard = next(p for p in folder.iterdir() if "-val.array_record" in p.name)
+  data = bytearray(shard.read_bytes())
+  for k in range(len(data) // 3, len(data) // 3 + 64):
+    data[k] ^= 0xFF
+  shard.write_bytes(bytes(data))
+  split = Dataset(str(folder)).split("val")
+  budget = batching.compute_budget(split.sizes, 4)
+  ds, _ = pipeline.batch_dataset(split, budget, shuffle=False)
+  with pytest.raises(Exception, match=r"split 'val', example \d+: cannot read it"):
+    list(ds)

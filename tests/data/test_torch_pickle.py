@@ -64,6 +64,12 @@ def test_strided_tensor_rebuild():
   assert np.array_equal(t, [[1, 2], [5, 6], [9, 10]])
   with pytest.raises(pickle.UnpicklingError, match="overruns"):
     torch_pickle._rebuild_tensor(storage, 4, (3, 4), (4, 1))
+  # Crafted layouts must never read outside the storage.
+  for offset, size, stride in [(0, (2,), (-10**11,)), (-2, (2,), (1,)),
+                               (0, (2, 2), (10**12, 1)), (0, (-1,), (1,))]:
+    with pytest.raises(pickle.UnpicklingError):
+      torch_pickle._rebuild_tensor(storage, offset, size, stride)
+  assert torch_pickle._rebuild_tensor(storage, 0, (0, 3), (3, 1)).shape == (0, 3)
 
 
 def test_truncated_storage_stream_is_an_error():

@@ -274,3 +274,45 @@ def test_ase_inputs_with_constraints_and_tags(tmp_path):
                                rtol=1e-6)
     np.testing.assert_allclose(
         ex["forces"], frames[k].get_forces(apply_constraint=False), atol=1e-5)
+
+
+def test_bad_ase_frame_is_named_and_skipped_alone(tmp_path):
+  import ase.io
+  from ase.build import bulk
+  frames = []
+  for k in range(10):
+    atoms = bulk("Cu", "fcc", a=3.6) * (2, 1, 1)
+    atoms.calc = EMT()
+    atoms.get_forces()
+    frames.append(atoms)
+  path = tmp_path / "f.extxyz"
+  ase.io.write(path, frames)
+  lines = path.read_text().split("\n")
+  lines[3 * 4 + 2] = "Cu 0.0 abc 0.0 0.0 0.0 0.0"  # Frame 3, first atom.
+  path.write_text("\n".join(lines))
+  with pytest.raises(DataError, match=r"f.extxyz, entry 3: ASE cannot read"):
+    convert.convert([f"train={path}"], tmp_path / "a", task="s2ef",
+                    workers=1, progress=False)
+  summary = convert.convert([f"train={path}"], tmp_path / "b", task="s2ef",
+                            workers=1, progress=False, skip_bad=True)
+  assert summary.counts == {"train": 9} and summary.skipped == 1
+
+
+def test_damaged_lmdb_names_the_file(tmp_path):
+  path = _lmdb(tmp_path / "data.0000.lmdb", {i: _good(seed=i) for i in range(50)})
+  data = bytearray(path.read_bytes())
+  for k in range(8192, len(data), 4096):  # Wreck every page header.
+    data[k:k + 16] = b"\xff" * 16
+  path.write_bytes(bytes(data))
+  with pytest.raises(DataError, match=r"data.0000.lmdb.*damaged|data.0000.lmdb.*cannot"):
+    convert.convert([f"train={path}"], tmp_path / "out", task="s2ef",
+                    workers=1, progress=False)
+
+
+def test_stale_partial_folders_are_removed(shared_data, tmp_path):
+  stale = tmp_path / ".out.partial-999999999"
+  stale.mkdir()
+  (stale / "junk").write_text("x")
+  convert.convert([f"train={shared_data / 'oc20_is2re_toy'}"], tmp_path / "out",
+                  task="s2ef", workers=1, progress=False)
+  assert sorted(os.listdir(tmp_path)) == ["out"]

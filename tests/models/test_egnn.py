@@ -105,6 +105,25 @@ def test_smooth_at_the_cutoff():
   assert np.abs(np.asarray(f_in)).max() < 1e-4
 
 
+def test_coordinate_update_is_smooth_at_the_cutoff():
+  """Trained (non-zero) biases must not act on atoms beyond the cutoff."""
+  import ase
+  model = models.get("egnn", hidden_dim=8, num_layers=2, num_radial=4,
+                     cutoff=CUTOFF, readout_hidden=4, coordinate_update=True)
+  def trimer(d):
+    return ase.Atoms("CuOH", positions=[[0, 0, 0], [1.2, 0, 0], [-d, 0, 0]],
+                     pbc=False)
+  graphs = [batch_examples([graph_from_atoms(trimer(d), CUTOFF + 1, None)])
+            for d in (CUTOFF - 1e-4, CUTOFF + 1e-4)]
+  params = model.init(jax.random.PRNGKey(2), graphs[0])
+  params = jax.tree_util.tree_map(
+      lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(3), x.shape),
+      params)  # Non-zero biases, as after training.
+  fn = make_energy_and_forces_fn(model, Normalizer.identity())
+  (e_in, _), (e_out, _) = [fn(params, g) for g in graphs]
+  assert abs(float(e_in[0] - e_out[0])) < 2e-6
+
+
 def test_registry_from_config_rejects_unknown_fields():
   import ml_collections
   cfg = ml_collections.ConfigDict({"name": "egnn", "hidden_dim": 8,
