@@ -73,19 +73,31 @@ class Normalizer:
 
 
 def make_energy_fn(model, normalizer: Normalizer) -> Callable:
-  """Returns `energy_fn(params, graph, positions=None) -> float32 [n_graph]`."""
+  """Returns `energy_fn(params, graph, positions=None) -> float32 [n_graph]`.
+
+  Models give per-atom outputs [n_node], or per-structure outputs [n_graph]
+  when they have `per_graph_output = True` (non-extensive readouts).
+  """
+
+  per_graph = getattr(model, "per_graph_output", False)
 
   def energy_fn(params, graph: jraph.GraphsTuple, positions=None):
-    out = model.apply(params, graph, positions)
+    out = model.apply(params, graph, positions).astype(jnp.float32)
     mask = graph.nodes["mask"]
     refs = normalizer.element_energies[graph.nodes["atomic_numbers"]]
     # Sums stay in float32 whatever precision the model computes in.
-    per_atom = (normalizer.scale * out.astype(jnp.float32) + normalizer.shift
-                + refs)
+    per_atom = normalizer.shift + refs
+    if not per_graph:
+      per_atom = per_atom + normalizer.scale * out
     per_atom = jnp.where(mask, per_atom, 0.0)
     n_graph = graph.globals["mask"].shape[0]
-    return jax.ops.segment_sum(per_atom, graph.nodes["graph"],
-                               num_segments=n_graph, indices_are_sorted=True)
+    energies = jax.ops.segment_sum(per_atom, graph.nodes["graph"],
+                                   num_segments=n_graph,
+                                   indices_are_sorted=True)
+    if per_graph:  # Structure-level models (e.g. a Set2Set readout).
+      energies = energies + jnp.where(graph.globals["mask"],
+                                      normalizer.scale * out, 0.0)
+    return energies
 
   return energy_fn
 

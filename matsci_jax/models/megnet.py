@@ -1,0 +1,199 @@
+"""MEGNet (Chen et al. 2019): edge, node and global-state blocks.
+
+Each block updates, with skip connections,
+
+    e_k <- e_k + phi_e(v_s(k), v_r(k), e_k, u)                 (edges)
+    v_i <- v_i + phi_v(mean_k->i e_k, v_i, u)                  (nodes)
+    u   <- u   + phi_u(mean_k e_k, mean_i v_i, u)              (global state)
+
+after a small dense "pre" network on each of e, v, u. Edge features are a
+Gaussian expansion of the distance; distances are computed inside the model
+from positions, cell and cell shifts, so the energy is invariant and forces
+are `-jax.grad` of it. Edge means are weighted by a smooth cutoff envelope
+(an edge at the cutoff has weight zero), so energies stay continuous when an
+atom crosses the cutoff.
+
+Readouts: "per_atom" (an MLP on node features, summed per structure by the
+energy function: extensive, for S2EF) or "set2set" (Set2Set over nodes and
+edges plus the state, then an MLP: one value per structure, for IS2RE).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import e3nn_jax as e3nn
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+
+from matsci_jax.models import geometry, registry
+
+
+def _activation(name: str):
+  if name == "shifted_softplus":
+    return lambda x: jax.nn.softplus(x) - np.log(2.0)
+  return getattr(jax.nn, name)
+
+
+class MLP(nn.Module):
+  features: Sequence[int]
+  activation: str
+  activate_last: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    act = _activation(self.activation)
+    for i, f in enumerate(self.features):
+      x = nn.Dense(f)(x)
+      if i < len(self.features) - 1 or self.activate_last:
+        x = act(x)
+    return x
+
+
+def _weighted_segment_mean(values, weights, segments, num_segments, sorted_):
+  total = jax.ops.segment_sum(values * weights[:, None], segments,
+                              num_segments=num_segments,
+                              indices_are_sorted=sorted_)
+  norm = jax.ops.segment_sum(weights, segments, num_segments=num_segments,
+                             indices_are_sorted=sorted_)
+  return total / jnp.maximum(norm, 1e-6)[:, None]
+
+
+class MegNetBlock(nn.Module):
+  pre: Sequence[int]
+  mlp: Sequence[int]
+  activation: str
+
+  @nn.compact
+  def __call__(self, e, v, u, weights, graph):
+    n_node, n_graph = v.shape[0], u.shape[0]
+    node_graph = graph.nodes["graph"]
+    edge_graph = node_graph[graph.receivers]
+    e0, v0, u0 = e, v, u
+    e = MLP(self.pre, self.activation, name="pre_edge")(e)
+    v = MLP(self.pre, self.activation, name="pre_node")(v)
+    u = MLP(self.pre, self.activation, name="pre_state")(u)
+    e = MLP(self.mlp, self.activation, name="phi_e")(jnp.concatenate(
+        [v[graph.senders], v[graph.receivers], e, u[edge_graph]], -1))
+    e_to_v = _weighted_segment_mean(e, weights, graph.receivers, n_node, True)
+    v = MLP(self.mlp, self.activation, name="phi_v")(
+        jnp.concatenate([e_to_v, v, u[node_graph]], -1))
+    e_to_u = _weighted_segment_mean(e, weights, edge_graph, n_graph, True)
+    v_to_u = _weighted_segment_mean(
+        v, graph.nodes["mask"].astype(v.dtype), node_graph, n_graph, True)
+    u = MLP(self.mlp, self.activation, name="phi_u")(
+        jnp.concatenate([e_to_u, v_to_u, u], -1))
+    # Skip connections (projected when widths differ).
+    if e0.shape[-1] != e.shape[-1]:
+      e0 = nn.Dense(e.shape[-1], name="skip_edge")(e0)
+      v0 = nn.Dense(v.shape[-1], name="skip_node")(v0)
+      u0 = nn.Dense(u.shape[-1], name="skip_state")(u0)
+    return e + e0, v + v0, u + u0
+
+
+class Set2Set(nn.Module):
+  """Set2Set pooling (Vinyals et al. 2016) of padded sets into segments."""
+  steps: int
+
+  @nn.compact
+  def __call__(self, x, segments, num_segments, weights):
+    """Pools x [n, d] into [num_segments, 2d].
+
+    `weights` [n] multiply the attention (0 for padding; the cutoff envelope
+    for edges, so that an edge fades in smoothly).
+    """
+    d = x.shape[-1]
+    cell = nn.OptimizedLSTMCell(d, name="lstm")
+    carry = cell.initialize_carry(jax.random.PRNGKey(0), (num_segments, 2 * d))
+    q_star = jnp.zeros((num_segments, 2 * d), x.dtype)
+    for _ in range(self.steps):
+      carry, q = cell(carry, q_star)
+      scores = jnp.sum(x * q[segments], -1)
+      live = weights > 0
+      top = jax.ops.segment_max(jnp.where(live, scores, -jnp.inf), segments,
+                                num_segments=num_segments)
+      top = jnp.where(jnp.isfinite(top), top, 0.0)
+      w = weights * jnp.exp(jnp.where(live, scores - top[segments], 0.0))
+      denom = jax.ops.segment_sum(w, segments, num_segments=num_segments)
+      w = w / jnp.maximum(denom, 1e-12)[segments]
+      r = jax.ops.segment_sum(w[:, None] * x, segments,
+                              num_segments=num_segments)
+      q_star = jnp.concatenate([q, r], -1)
+    return q_star
+
+
+@registry.register("megnet")
+class MegNet(nn.Module):
+  """MEGNet giving per-atom outputs ("per_atom") or per-structure ("set2set").
+
+  Attributes:
+    embed_dim: atom-type embedding width.
+    pre: widths of the dense network applied before each block.
+    block_mlp: widths of phi_e, phi_v and phi_u.
+    num_blocks: number of MEGNet blocks.
+    num_gaussians: Gaussians in the distance expansion (0..cutoff).
+    gaussian_width: their width in Å.
+    cutoff: envelope radius in Å (the dataset's cutoff).
+    readout: "per_atom" or "set2set".
+    readout_mlp: widths of the final MLP (a last width-1 layer follows).
+    set2set_steps: Set2Set iterations.
+    activation: "shifted_softplus" (as in MEGNet) or a `jax.nn` name.
+    num_species: size of the embedding table.
+  """
+  embed_dim: int = 16
+  pre: Sequence[int] = (64, 32)
+  block_mlp: Sequence[int] = (64, 64, 32)
+  num_blocks: int = 3
+  num_gaussians: int = 100
+  gaussian_width: float = 0.5
+  cutoff: float = 6.0
+  readout: str = "per_atom"
+  readout_mlp: Sequence[int] = (32, 16)
+  set2set_steps: int = 3
+  activation: str = "shifted_softplus"
+  num_species: int = 119
+
+  @property
+  def per_graph_output(self) -> bool:
+    return self.readout == "set2set"
+
+  @nn.compact
+  def __call__(self, graph: jraph.GraphsTuple,
+               positions: jax.Array | None = None) -> jax.Array:
+    """Per-atom outputs [n_node] or, with Set2Set, per-structure [n_graph]."""
+    if self.readout not in ("per_atom", "set2set"):
+      raise ValueError(f"readout must be 'per_atom' or 'set2set', got "
+                       f"{self.readout!r}")
+    x = graph.nodes["positions"] if positions is None else positions
+    edge_mask = graph.edges["mask"]
+    node_mask = graph.nodes["mask"]
+    n_graph = graph.globals["mask"].shape[0]
+    vectors = geometry.edge_vectors(x, graph)
+    _, d = geometry.safe_lengths(vectors, edge_mask, fill=self.cutoff / 2)
+    centers = jnp.linspace(0.0, self.cutoff, self.num_gaussians)
+    e = jnp.exp(-((d[:, None] - centers) / self.gaussian_width) ** 2)
+    envelope = e3nn.poly_envelope(5, 2)(d / self.cutoff)
+    envelope = jnp.where(edge_mask & (d < self.cutoff), envelope, 0.0)
+    e = e * envelope[:, None]
+    v = nn.Embed(self.num_species, self.embed_dim, name="embed")(
+        graph.nodes["atomic_numbers"])
+    u = jnp.broadcast_to(
+        self.param("state0", nn.initializers.zeros, (self.embed_dim,)),
+        (n_graph, self.embed_dim))
+    for i in range(self.num_blocks):
+      e, v, u = MegNetBlock(self.pre, self.block_mlp, self.activation,
+                            name=f"block_{i}")(e, v, u, envelope, graph)
+    head = MLP(tuple(self.readout_mlp) + (1,), self.activation,
+               activate_last=False, name="readout")
+    if self.readout == "per_atom":
+      return head(v)[:, 0] * node_mask
+    node_graph = graph.nodes["graph"]
+    pooled_v = Set2Set(self.set2set_steps, name="set2set_nodes")(
+        v, node_graph, n_graph, node_mask.astype(v.dtype))
+    pooled_e = Set2Set(self.set2set_steps, name="set2set_edges")(
+        e, node_graph[graph.receivers], n_graph, envelope)
+    out = head(jnp.concatenate([pooled_v, pooled_e, u], -1))[:, 0]
+    return out * graph.globals["mask"]
