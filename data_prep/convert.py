@@ -33,11 +33,14 @@ import numpy as np
 import tqdm
 
 from matsci_jax.data import dataset_io, processes, readers as readers_lib, schema
-from matsci_jax.data.neighbors import NEIGHBOR_RULE, neighbor_list
+from matsci_jax.data.neighbors import NEIGHBOR_RULE, Edges, neighbor_list
+from matsci_jax.data.point_cloud import point_cloud
 from matsci_jax.data.statistics import SplitStatistics, summarize
 from matsci_jax.data.structure import DataError, validate
 
 _CHUNK = 256  # Entries per work unit; ASE readers parse frames in such blocks.
+_NO_EDGES = Edges(np.zeros(0, np.int32), np.zeros(0, np.int32),
+                  np.zeros((0, 3), np.int32), np.zeros(0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,24 +66,45 @@ class Summary:
 _STATE: dict = {}
 
 
-def _init_worker(readers, task, cutoff, max_neighbors):
+@dataclasses.dataclass(frozen=True)
+class PointCloudOptions:
+  """How point clouds are built (see matsci_jax.data.point_cloud)."""
+  cutoff: float
+  num_neighbors: int
+  bulk_samples: int
+  seed: int
+
+
+def _init_worker(readers, task, cutoff, max_neighbors, representation,
+                 pc_options):
   _STATE.update(readers=readers, task=task, cutoff=cutoff,
-                max_neighbors=max_neighbors, features=schema.features(task))
+                max_neighbors=max_neighbors, representation=representation,
+                pc=pc_options,
+                features=schema.features(task, pc_options is not None))
 
 
 def _process(job: _Job) -> list[tuple]:
   """Converts one chunk of entries; never raises for a bad entry."""
   reader = _STATE["readers"][job.reader]
   task, features = _STATE["task"], _STATE["features"]
+  pc_options = _STATE["pc"]
   out = []
   for offset, split in enumerate(job.splits):
     i = job.start + offset
     where = reader.key(i)
     try:
       s = validate(reader[i])
-      edges = neighbor_list(s.positions, s.cell, s.pbc, _STATE["cutoff"],
-                            _STATE["max_neighbors"])
-      ex = schema.to_example(s, edges, task)
+      if _STATE["representation"] == "point_cloud":
+        edges = _NO_EDGES
+      else:
+        edges = neighbor_list(s.positions, s.cell, s.pbc, _STATE["cutoff"],
+                              _STATE["max_neighbors"])
+      pc = None
+      if pc_options is not None:
+        rng = np.random.default_rng([pc_options.seed, job.reader, i])
+        pc = point_cloud(s, pc_options.cutoff, pc_options.num_neighbors,
+                         pc_options.bulk_samples, rng)
+      ex = schema.to_example(s, edges, task, pc)
       out.append(("ok", split, where, features.serialize_example(ex),
                   summarize(ex), schema.target_flags(s, task)))
     except DataError as e:
@@ -147,8 +171,9 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
             split_seed: int = 0, skip_bad: bool = False,
             overwrite: bool = False, name: Optional[str] = None,
             subtract_reference: bool = False, ase_format: Optional[str] = None,
-            examples_per_shard: int = 10_000, progress: bool = True
-            ) -> Summary:
+            examples_per_shard: int = 10_000, progress: bool = True,
+            representation: str = "graph", pc_cutoff: Optional[float] = None,
+            pc_neighbors: int = 16, pc_bulk_samples: int = 8) -> Summary:
   """Converts input files into a dataset folder; see the module docstring.
 
   Args:
@@ -166,6 +191,11 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
     ase_format: ASE format for files whose suffix does not tell it.
     examples_per_shard: examples per ArrayRecord file.
     progress: show a progress bar.
+    representation: "graph", "point_cloud" or "both".
+    pc_cutoff: point-cloud neighbour radius in Å (default: `cutoff`).
+    pc_neighbors: neighbour slots per point-cloud centre.
+    pc_bulk_samples: bulk atoms sampled as extra centres per structure
+      (seeded by `split_seed`).
 
   Returns:
     A `Summary`.
@@ -177,6 +207,14 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
   t0 = time.time()
   if task not in schema.TASKS:
     raise ValueError(f"task must be one of {schema.TASKS}, got {task!r}")
+  if representation not in schema.REPRESENTATIONS:
+    raise ValueError(f"representation must be one of "
+                     f"{schema.REPRESENTATIONS}, got {representation!r}")
+  pc_options = None
+  if representation != "graph":
+    pc_options = PointCloudOptions(
+        cutoff=float(pc_cutoff or cutoff), num_neighbors=int(pc_neighbors),
+        bulk_samples=int(pc_bulk_samples), seed=split_seed)
   output = os.path.abspath(os.fspath(output))
   if os.path.exists(output) and not overwrite:
     raise FileExistsError(f"{output} already exists; pass --overwrite to "
@@ -210,12 +248,14 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
   writers, stats, flags, skipped = {}, {}, {}, []
   try:
     if workers == 1 or total <= _CHUNK:
-      _init_worker(readers, task, cutoff, max_neighbors)
+      _init_worker(readers, task, cutoff, max_neighbors, representation,
+                   pc_options)
       results = map(_process, jobs)
       pool = None
     else:
       pool = processes.pool_context().Pool(
-          workers, _init_worker, (readers, task, cutoff, max_neighbors))
+          workers, _init_worker, (readers, task, cutoff, max_neighbors,
+                                  representation, pc_options))
       results = pool.imap(_process, jobs, chunksize=1)
     bar = tqdm.tqdm(total=total, unit="struct", disable=not progress,
                     desc=f"convert {name}")
@@ -257,6 +297,9 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
         "cutoff": float(cutoff),
         "max_neighbors": max_neighbors,
         "neighbor_rule": NEIGHBOR_RULE,
+        "representation": representation,
+        "point_cloud": (None if pc_options is None
+                        else dataclasses.asdict(pc_options)),
         "inputs": [{"split": s, "path": os.path.abspath(p)} for s, p in pairs],
         "split_seed": split_seed,
         "subtract_reference": subtract_reference,
@@ -268,7 +311,7 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
             for s in writers},
     }
     dataset_io.write_metadata(
-        tmp, task, split_infos, metadata,
+        tmp, task, pc_options is not None, split_infos, metadata,
         {s: st.sizes() for s, st in stats.items()})
     if skipped:
       with open(os.path.join(tmp, dataset_io.SKIPPED_FILE), "w") as f:
@@ -345,6 +388,15 @@ def _parse_args(argv):
   p.add_argument("--ase-format", default=None,
                  help="ASE format name for files with unusual suffixes")
   p.add_argument("--examples-per-shard", type=int, default=10_000)
+  p.add_argument("--representation", default="graph",
+                 choices=schema.REPRESENTATIONS,
+                 help="graph edges, point clouds, or both (default graph)")
+  p.add_argument("--pc-cutoff", type=float, default=None,
+                 help="point-cloud radius in Å (default: --cutoff)")
+  p.add_argument("--pc-neighbors", type=int, default=16,
+                 help="neighbour slots per point-cloud centre (default 16)")
+  p.add_argument("--pc-bulk-samples", type=int, default=8,
+                 help="bulk atoms sampled as extra centres (default 8)")
   p.add_argument("--no-progress", action="store_true")
   return p.parse_args(argv)
 
@@ -360,7 +412,9 @@ def main(argv=None) -> int:
         overwrite=args.overwrite, name=args.name,
         subtract_reference=args.oc20_ref_energy, ase_format=args.ase_format,
         examples_per_shard=args.examples_per_shard,
-        progress=not args.no_progress)
+        progress=not args.no_progress, representation=args.representation,
+        pc_cutoff=args.pc_cutoff, pc_neighbors=args.pc_neighbors,
+        pc_bulk_samples=args.pc_bulk_samples)
   except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -24,9 +24,15 @@ def random_rotation(seed: int) -> np.ndarray:
   return q
 
 
-def predict(fn, params, atoms_list, cutoff, max_neighbors=None):
-  """Energies [n] and per-structure forces of a list of `ase.Atoms`."""
-  examples = [graph_from_atoms(a, cutoff, max_neighbors) for a in atoms_list]
+def predict(fn, params, atoms_list, cutoff, max_neighbors=None,
+            **graph_kwargs):
+  """Energies [n] and per-structure forces of a list of `ase.Atoms`.
+
+  `graph_kwargs` go to `graph_from_atoms` (e.g. representation="point_cloud",
+  num_neighbors=K).
+  """
+  examples = [graph_from_atoms(a, cutoff, max_neighbors, **graph_kwargs)
+              for a in atoms_list]
   graph = batch_examples(examples)
   energies, forces = fn(params, graph)
   energies, forces = np.asarray(energies), np.asarray(forces)
@@ -62,22 +68,25 @@ def _transformed(atoms, seed):
 
 def check_symmetries(fn, params, atoms_list, cutoff: float,
                      max_neighbors=None, seed: int = 0, atol: float = 1e-4,
-                     rtol: float = 1e-5):
+                     rtol: float = 1e-5, **graph_kwargs):
   """Asserts invariant energies and equivariant forces.
 
   Checks rotation (cell rotated with the atoms), translation, permutation of
   atoms and moving atoms by lattice vectors (periodic wrap). Neighbour lists
   are rebuilt for every transformed structure, as a user's data would be.
-  Use `max_neighbors=None`: a neighbour cap breaks ties between equidistant
-  atoms by index, which a permutation may change.
+  Use `max_neighbors=None` (and, for point clouds, K slots above the largest
+  neighbour count and structures without tags): a neighbour cap breaks ties
+  between equidistant atoms by index, which a permutation may change.
 
   Raises:
     AssertionError naming the symmetry and structure that failed.
   """
-  energies, forces = predict(fn, params, atoms_list, cutoff, max_neighbors)
+  energies, forces = predict(fn, params, atoms_list, cutoff, max_neighbors,
+                             **graph_kwargs)
   for k, atoms in enumerate(atoms_list):
     for name, other, map_forces, _ in _transformed(atoms, seed + k):
-      e, f = predict(fn, params, [other], cutoff, max_neighbors)
+      e, f = predict(fn, params, [other], cutoff, max_neighbors,
+                     **graph_kwargs)
       np.testing.assert_allclose(
           e[0], energies[k], atol=atol, rtol=rtol,
           err_msg=f"energy not invariant under {name} (structure {k})")
@@ -88,21 +97,24 @@ def check_symmetries(fn, params, atoms_list, cutoff: float,
 
 def check_forces_are_gradients(fn, params, atoms, cutoff: float,
                                max_neighbors=None, delta: float = 1e-3,
-                               atoms_to_check=(0, -1), atol: float = 2e-3):
+                               atoms_to_check=(0, -1), atol: float = 2e-3,
+                               **graph_kwargs):
   """Asserts forces equal central finite differences of the energy.
 
   Displacements are applied in float64 positions; the energy is float32, so
   `delta` must not be tiny. The neighbour list is kept fixed across the
   displacement (`max_neighbors=None` keeps it independent of tie breaks).
   """
-  _, forces = predict(fn, params, [atoms], cutoff, max_neighbors)
+  _, forces = predict(fn, params, [atoms], cutoff, max_neighbors,
+                      **graph_kwargs)
   for i in atoms_to_check:
     for axis in range(3):
       es = []
       for sign in (1, -1):
         moved = atoms.copy()
         moved.positions[i, axis] += sign * delta
-        es.append(predict(fn, params, [moved], cutoff, max_neighbors)[0][0])
+        es.append(predict(fn, params, [moved], cutoff, max_neighbors,
+                          **graph_kwargs)[0][0])
       fd = -(es[0] - es[1]) / (2 * delta)
       np.testing.assert_allclose(
           forces[0][i, axis], fd, atol=atol, rtol=1e-2,

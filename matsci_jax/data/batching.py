@@ -97,7 +97,8 @@ def padding_efficiency(batches: Sequence[np.ndarray], sizes: np.ndarray,
 
 
 def compute_budget(sizes: np.ndarray, batch_size: int, *, seed: int = 0,
-                   sample: int = 20_000, n_node: int | None = None) -> Budget:
+                   sample: int = 20_000, n_node: int | None = None,
+                   edge_multiple: int = 1) -> Budget:
   """Chooses a budget that holds about `batch_size` average structures.
 
   The node budget is `batch_size` times the mean structure (at least the
@@ -111,6 +112,8 @@ def compute_budget(sizes: np.ndarray, batch_size: int, *, seed: int = 0,
     seed: seed of the simulated shuffles.
     sample: number of structures used in the simulation.
     n_node: a node budget to use instead (edges and graphs follow it).
+    edge_multiple: round the edge budget up to a multiple of this (point
+      clouds: K slots per centre, so edges reshape to [n_edge / K, K]).
   """
   sizes = np.asarray(sizes, np.int64)
   if sizes.size == 0:
@@ -142,13 +145,14 @@ def compute_budget(sizes: np.ndarray, batch_size: int, *, seed: int = 0,
     if node_eff(candidate) >= target:
       n_edge = candidate
       break
+  n_edge = -(-int(n_edge) // edge_multiple) * edge_multiple
   return Budget(n_node=int(n_node), n_edge=int(n_edge), n_graph=int(n_graph))
 
 
 # Per-node, per-edge and per-graph fields of a stored example.
 NODE_FIELDS = ("atomic_numbers", "positions", "tags", "fixed", "forces",
                "positions_relaxed")
-EDGE_FIELDS = ("cell_shifts",)
+EDGE_FIELDS = ("cell_shifts", "slot_mask")
 GRAPH_FIELDS = ("cell", "pbc", "energy", "energy_relaxed", "sid", "fid")
 # Scalars decode as Python numbers; fix their dtypes so batches never vary.
 _GRAPH_DTYPES = {"energy": np.float32, "energy_relaxed": np.float32,
@@ -210,6 +214,8 @@ def collate(examples: Sequence[dict], budget: Budget,
   nodes["graph"] = np.repeat(np.arange(budget.n_graph, dtype=np.int32),
                              padded.n_node)
   edges = dict(padded.edges, mask=np.arange(budget.n_edge) < real_edges)
+  if "slot_mask" in edges:  # Point clouds: empty neighbour slots are padding.
+    edges["mask"] = edges["mask"] & edges.pop("slot_mask")
   globals_ = dict(padded.globals, mask=np.arange(budget.n_graph) < num_graphs)
   for k in ("sid", "fid"):  # jax would silently truncate int64 ids.
     if k in globals_:

@@ -81,17 +81,36 @@ class ShardedWriter:
                                num_bytes=self.num_bytes)
 
 
-def write_metadata(folder: str, task: str, split_infos, metadata: dict,
-                   sizes: dict[str, np.ndarray], description: str = ""):
+def write_metadata(folder: str, task: str, point_cloud: bool, split_infos,
+                   metadata: dict, sizes: dict[str, np.ndarray],
+                   description: str = ""):
   """Writes the tfds metadata, our metadata and the size arrays."""
   metadata = dict(metadata, format_version=FORMAT_VERSION, task=task,
                   edge_convention=schema.EDGE_CONVENTION)
   tfds.folder_dataset.write_metadata(
-      data_dir=folder, features=schema.features(task),
+      data_dir=folder, features=schema.features(task, point_cloud),
       split_infos=list(split_infos), check_data=False,
       description=description or f"matsci_jax {task} dataset",
       metadata=tfds.core.MetadataDict(metadata))
   np.savez(os.path.join(folder, SIZES_FILE), **sizes)
+
+
+class PointCloudSource:
+  """A data source whose examples carry point-cloud slots as their edges."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> dict:
+    ex = dict(self.source[i])
+    ex["senders"] = ex.pop("pc_senders")
+    ex["receivers"] = ex.pop("pc_receivers")
+    ex["cell_shifts"] = ex.pop("pc_shifts")
+    ex["slot_mask"] = ex.pop("pc_mask")
+    return ex
 
 
 @dataclasses.dataclass
@@ -101,7 +120,8 @@ class Split:
   Attributes:
     name: split name.
     source: random-access data source; `source[i]` is a dict of numpy arrays.
-    sizes: int32 [num_structures, 2], atoms and edges of each structure.
+    sizes: int32 [num_structures, 2]: atoms and edges of each structure in
+      the representation the split was opened for.
     statistics: the split's statistics from the metadata.
     targets: which targets the split carries (False for test splits).
   """
@@ -110,6 +130,7 @@ class Split:
   sizes: np.ndarray
   statistics: dict
   targets: dict
+  representation: str = "graph"
 
   def __len__(self) -> int:
     return len(self.source)
@@ -160,8 +181,17 @@ class Dataset:
   def splits(self) -> list[str]:
     return list(self.metadata["splits"])
 
-  def split(self, name: str) -> Split:
+  @property
+  def representations(self) -> tuple[str, ...]:
+    """Representations stored: ("graph",), ("point_cloud",) or both."""
+    r = self.metadata.get("representation", "graph")
+    return ("graph", "point_cloud") if r == "both" else (r,)
+
+  def split(self, name: str, representation: str = "graph") -> Split:
     """Opens one split for random access (e.g. `name="train"`).
+
+    `representation` picks the edges batches carry: graph edges, or the
+    point-cloud slots (K per centre) as edges; the sizes follow it.
 
     Multi-process training reads all of a split's structures through the
     same source and divides whole batches between processes (see
@@ -176,10 +206,20 @@ class Dataset:
     except Exception as e:
       raise DatasetError(f"{self.folder}: cannot open split {name!r}: "
                          f"{e}") from e
-    sizes = self._sizes[name]
+    if representation not in self.representations:
+      raise DatasetError(
+          f"{self.folder}: has no {representation} representation (it has "
+          f"{', '.join(self.representations)}); convert with "
+          "--representation both")
+    all_sizes = self._sizes[name]
+    column = 2 if representation == "point_cloud" and all_sizes.shape[1] > 2 else 1
+    sizes = np.ascontiguousarray(all_sizes[:, [0, column]])
     if len(source) != len(sizes):
       raise DatasetError(
           f"{self.folder}: split {name!r} has {len(source)} examples but "
           f"{SIZES_FILE} lists {len(sizes)}; the folder is corrupt")
+    if representation == "point_cloud":
+      source = PointCloudSource(source)
     return Split(name=name, source=source, sizes=sizes,
-                 statistics=info["statistics"], targets=info["targets"])
+                 statistics=info["statistics"], targets=info["targets"],
+                 representation=representation)

@@ -13,13 +13,17 @@ import numpy as np
 
 from matsci_jax.data import batching, schema
 from matsci_jax.data.ase_reader import structure_from_atoms
+from matsci_jax.data.dataset_io import PointCloudSource
 from matsci_jax.data.neighbors import neighbor_list
+from matsci_jax.data.point_cloud import point_cloud
 from matsci_jax.data.structure import validate
 
 
 def graph_from_atoms(atoms, cutoff: float = 6.0,
                      max_neighbors: Optional[int] = 50,
-                     task: str = "s2ef") -> dict:
+                     task: str = "s2ef", representation: str = "graph",
+                     num_neighbors: int = 16, bulk_samples: int = 8,
+                     seed: int = 0) -> dict:
   """One structure as a stored example (dict of numpy arrays).
 
   Args:
@@ -28,14 +32,28 @@ def graph_from_atoms(atoms, cutoff: float = 6.0,
     cutoff: neighbour radius in Å.
     max_neighbors: nearest neighbours kept per atom (None: all).
     task: "s2ef" or "is2re" (adds the relaxed targets, NaN if absent).
+    representation: "graph", or "point_cloud" for a point cloud whose K
+      slots per centre are the edges (as `Dataset.split(...,
+      representation="point_cloud")` gives them).
+    num_neighbors, bulk_samples, seed: point-cloud settings (see
+      `matsci_jax.data.point_cloud`); `cutoff` is its radius.
 
   Returns:
     The example: positions float32 [N, 3], senders/receivers int32 [E], ...
     (see `matsci_jax.data.schema`).
   """
   s = validate(structure_from_atoms(atoms, "<atoms>", 0))
-  edges = neighbor_list(s.positions, s.cell, s.pbc, cutoff, max_neighbors)
-  return schema.to_example(s, edges, task)
+  if representation == "graph":
+    edges = neighbor_list(s.positions, s.cell, s.pbc, cutoff, max_neighbors)
+    return schema.to_example(s, edges, task)
+  if representation != "point_cloud":
+    raise ValueError(f"representation must be 'graph' or 'point_cloud', got "
+                     f"{representation!r}")
+  pc = point_cloud(s, cutoff, num_neighbors, bulk_samples,
+                   np.random.default_rng(seed))
+  ex = schema.to_example(s, neighbor_list(s.positions[:0], s.cell, s.pbc,
+                                          cutoff), task, pc)
+  return PointCloudSource([ex])[0]
 
 
 def batch_examples(examples: Sequence[dict],

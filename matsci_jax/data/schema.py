@@ -30,8 +30,15 @@ def _tensor(shape, dtype):
   return _F.Tensor(shape=shape, dtype=dtype, encoding=_BYTES)
 
 
-def features(task: str) -> _F.FeaturesDict:
-  """The tfds features of a converted dataset for `task`."""
+REPRESENTATIONS = ("graph", "point_cloud", "both")
+
+
+def features(task: str, point_cloud: bool = False) -> _F.FeaturesDict:
+  """The tfds features of a converted dataset for `task`.
+
+  With `point_cloud`, the point-cloud slots are stored too (`pc_*`, see
+  `matsci_jax.data.point_cloud`).
+  """
   if task not in TASKS:
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
   spec = {
@@ -52,6 +59,11 @@ def features(task: str) -> _F.FeaturesDict:
   if task == "is2re":
     spec["energy_relaxed"] = _F.Scalar(dtype=np.float32)
     spec["positions_relaxed"] = _tensor((None, 3), np.float32)
+  if point_cloud:
+    spec.update(pc_senders=_tensor((None,), np.int32),
+                pc_receivers=_tensor((None,), np.int32),
+                pc_shifts=_tensor((None, 3), np.int8),
+                pc_mask=_tensor((None,), np.bool_))
   return _F.FeaturesDict(spec)
 
 
@@ -64,12 +76,17 @@ def target_flags(s: Structure, task: str) -> dict[str, bool]:
   return flags
 
 
-def to_example(s: Structure, edges: Edges, task: str) -> dict[str, np.ndarray]:
-  """Builds the stored example of one structure and its edges."""
-  n = s.num_atoms
-  if edges.cell_shifts.size and np.abs(edges.cell_shifts).max() > 127:
+def _check_shifts(s: Structure, shifts: np.ndarray):
+  if shifts.size and np.abs(shifts).max() > 127:
     raise DataError(*s.source, "a cell shift exceeds 127 images: the cell is "
                     "far smaller than the cutoff")
+
+
+def to_example(s: Structure, edges: Edges, task: str,
+               point_cloud=None) -> dict[str, np.ndarray]:
+  """Builds the stored example of one structure, its edges and point cloud."""
+  n = s.num_atoms
+  _check_shifts(s, edges.cell_shifts)
   nan_vec = np.full((n, 3), np.nan, np.float32)
   ex = {
       "atomic_numbers": s.atomic_numbers.astype(np.int32),
@@ -93,4 +110,10 @@ def to_example(s: Structure, edges: Edges, task: str) -> dict[str, np.ndarray]:
     ex["positions_relaxed"] = (
         nan_vec if s.positions_relaxed is None
         else s.positions_relaxed.astype(np.float32))
+  if point_cloud is not None:
+    _check_shifts(s, point_cloud.cell_shifts)
+    ex.update(pc_senders=point_cloud.senders.astype(np.int32),
+              pc_receivers=point_cloud.receivers.astype(np.int32),
+              pc_shifts=point_cloud.cell_shifts.astype(np.int8),
+              pc_mask=point_cloud.mask.astype(np.bool_))
   return ex

@@ -91,6 +91,7 @@ class SplitStatistics:
   def __init__(self):
     self.n_atoms: list[int] = []
     self.n_edges: list[int] = []
+    self.n_slots: list[int] = []  # Point-cloud slots (centres x K).
     self.element_counts = np.zeros(NUM_ELEMENTS, np.int64)
     self.energy = _Moments()
     self.energy_relaxed = _Moments()
@@ -104,6 +105,8 @@ class SplitStatistics:
     n = summary["n_atoms"]
     self.n_atoms.append(n)
     self.n_edges.append(summary["n_edges"])
+    if summary.get("n_slots") is not None:
+      self.n_slots.append(summary["n_slots"])
     comp = summary["composition"]
     self.element_counts += comp
     if summary["energy"] is not None:
@@ -117,9 +120,12 @@ class SplitStatistics:
       self.free_force_n += 3 * summary["n_free"]
 
   def sizes(self) -> np.ndarray:
-    """int32 [num_structures, 2]: atoms and edges of each structure."""
-    return np.stack([np.asarray(self.n_atoms, np.int32),
-                     np.asarray(self.n_edges, np.int32)], axis=-1).reshape(-1, 2)
+    """int32 [num_structures, 2 or 3]: atoms, edges (and point-cloud slots)."""
+    columns = [self.n_atoms, self.n_edges]
+    if self.n_slots:
+      columns.append(self.n_slots)
+    return np.stack([np.asarray(c, np.int32) for c in columns],
+                    axis=-1).reshape(-1, len(columns))
 
   def summary(self) -> dict:
     atoms = np.asarray(self.n_atoms, np.int64)
@@ -146,6 +152,11 @@ class SplitStatistics:
     }
     if self.energy_relaxed.n:
       out["energy_relaxed"] = self.energy_relaxed.summary()
+    if self.n_slots:
+      slots = np.asarray(self.n_slots, np.int64)
+      out["point_cloud_slots_histogram"] = _hist(slots)
+      out["max_point_cloud_slots"] = int(slots.max())
+      out["mean_point_cloud_slots"] = float(slots.mean())
     return out
 
 
@@ -160,6 +171,8 @@ def summarize(example: dict) -> dict:
   return {
       "n_atoms": int(z.shape[0]),
       "n_edges": int(example["senders"].shape[0]),
+      "n_slots": (int(example["pc_senders"].shape[0])
+                  if "pc_senders" in example else None),
       "composition": np.bincount(z, minlength=NUM_ELEMENTS),
       "energy": energy if math.isfinite(energy) else None,
       "energy_relaxed": (float(relaxed) if relaxed is not None

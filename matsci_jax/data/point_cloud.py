@@ -1,0 +1,77 @@
+"""Point-cloud representation: each centre atom with K neighbour slots.
+
+Centres are the adsorbate (tag 2) and surface (tag 1) atoms plus a seeded
+random sample of bulk (tag 0) atoms; in structures without tags every atom
+is a centre. Each centre keeps its K nearest neighbours within the cutoff
+(periodic images included), padded to exactly K slots with a mask.
+
+The slots are stored as an edge list grouped by centre, K consecutive edges
+per centre (neighbour -> centre, same sign convention as graph edges), so a
+batch of point clouds is a padded graph whose edges reshape to
+[n_edge / K, K]: one row per centre. Models build the atom-type features of
+a slot (one-hot of the centre's and of the neighbour's element) from the
+atomic numbers, so they are not stored.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from matsci_jax.data.neighbors import neighbor_list
+from matsci_jax.data.structure import Structure, TAG_UNKNOWN
+
+
+class PointCloud(NamedTuple):
+  """Slots of C centres, K each: arrays of length C*K ([C*K, 3] shifts)."""
+  senders: np.ndarray      # int32, neighbour atom of each slot (0 if empty)
+  receivers: np.ndarray    # int32, centre atom of each slot
+  cell_shifts: np.ndarray  # int32 [C*K, 3]
+  mask: np.ndarray         # bool, True for a real neighbour
+  centers: np.ndarray      # int32 [C], centre atoms
+
+
+def select_centers(tags: np.ndarray, bulk_samples: int,
+                   rng: np.random.Generator) -> np.ndarray:
+  """Indices of the centre atoms (sorted)."""
+  if np.any(tags == TAG_UNKNOWN):
+    return np.arange(len(tags), dtype=np.int32)
+  surface = np.nonzero(tags > 0)[0]
+  bulk = np.nonzero(tags == 0)[0]
+  k = min(bulk_samples, len(bulk))
+  sample = rng.choice(bulk, size=k, replace=False) if k else bulk[:0]
+  return np.sort(np.concatenate([surface, sample])).astype(np.int32)
+
+
+def point_cloud(s: Structure, cutoff: float, num_neighbors: int,
+                bulk_samples: int, rng: np.random.Generator) -> PointCloud:
+  """Builds the point cloud of one structure.
+
+  Args:
+    s: the structure.
+    cutoff: neighbour radius in Å.
+    num_neighbors: K, slots per centre (the K nearest neighbours are kept).
+    bulk_samples: bulk (tag 0) atoms sampled as extra centres.
+    rng: generator for that sample (seed it per structure).
+  """
+  centers = select_centers(s.tags, bulk_samples, rng)
+  edges = neighbor_list(s.positions, s.cell, s.pbc, cutoff, num_neighbors)
+  n = s.num_atoms
+  # Edges are sorted by centre then distance: slot = rank within the centre.
+  first = np.searchsorted(edges.receivers, np.arange(n))
+  rank = np.arange(len(edges.receivers)) - first[edges.receivers]
+  # Empty slots point at the centre itself (a zero vector), masked out.
+  slots_j = np.repeat(np.arange(n, dtype=np.int32)[:, None], num_neighbors, 1)
+  slots_s = np.zeros((n, num_neighbors, 3), np.int32)
+  slots_m = np.zeros((n, num_neighbors), bool)
+  slots_j[edges.receivers, rank] = edges.senders
+  slots_s[edges.receivers, rank] = edges.cell_shifts
+  slots_m[edges.receivers, rank] = True
+  c = len(centers)
+  return PointCloud(
+      senders=slots_j[centers].reshape(-1),
+      receivers=np.repeat(centers, num_neighbors).astype(np.int32),
+      cell_shifts=slots_s[centers].reshape(c * num_neighbors, 3),
+      mask=slots_m[centers].reshape(-1),
+      centers=centers)
