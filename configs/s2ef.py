@@ -1,6 +1,8 @@
 r"""S2EF with EGNN on the built-in EMT dev set (energy and forces).
 
     python -m matsci_jax.main --config=configs/s2ef.py
+    python -m matsci_jax.main --config=configs/s2ef.py:megnet   (or :gala,
+        :egnn_paper, :megnet_paper, :gala_paper; see configs/models.py)
 
 Hardware: a laptop CPU (2 cores) is enough. Expected cost: about 15 s to
 build and convert the dev set on first use (cached in ~/.cache/matsci_jax),
@@ -14,8 +16,10 @@ train on other data, e.g. `--config.data.path=/data/oc20/s2ef_200k`.
 
 import ml_collections
 
+from configs import models
 
-def get_config() -> ml_collections.ConfigDict:
+
+def get_config(model: str = "egnn") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Data: a converted dataset folder, or "devset" for the built-in EMT set.
@@ -35,18 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.num_workers = 0  # grain worker processes (0: threads only)
   config.data.prefetch = 2
   config.data.seed = 0
+  # "graph" edges, or "point_cloud" slots (GALA); set by the model choice.
+  config.data.representation = models.representation(model)
 
-  # Model.
-  config.model = ml_collections.ConfigDict()
-  config.model.name = "egnn"
-  config.model.hidden_dim = 64
-  config.model.num_layers = 3
-  config.model.activation = "silu"
-  config.model.cutoff = 6.0
-  config.model.num_radial = 8
-  config.model.avg_num_neighbors = 32.0
-  config.model.coordinate_update = False
-  config.model.readout_hidden = 32
+  # Model (see configs/models.py).
+  config.model = models.model_config(model, "s2ef")
 
   # Loss: errors in units of the normaliser's scale.
   config.loss = ml_collections.ConfigDict()
@@ -77,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 1000
   config.train.keep_checkpoints = 3
   config.train.best_metric = "val/force_mae"
+  config.train.eval_at_start = False  # Also evaluate the initial model.
   config.train.progress_bar = True
 
   return config

@@ -1,24 +1,32 @@
-r"""A tiny S2EF run for tests: a few steps of a small EGNN.
+r"""A tiny run for tests: a few steps of a small model.
 
     python -m matsci_jax.main --config=configs/test.py \
         --config.data.path=DATASET_DIR --workdir=/tmp/run
+    python -m matsci_jax.main --config=configs/test.py:is2re,gala ...
 
 Hardware: any CPU; about 20 s, mostly compilation. Tests point `data.path`
 at a small converted dataset.
 """
 
-from configs import s2ef
+from configs import is2re, s2ef
+
+# Tiny sizes per model, so that every model runs in seconds.
+_TINY = {
+    "egnn": dict(hidden_dim=16, num_layers=2, num_radial=4, readout_hidden=8),
+    "megnet": dict(embed_dim=8, pre=(16, 16), block_mlp=(16, 16, 16),
+                   num_blocks=2, num_gaussians=16, readout_mlp=(16,)),
+    "gala": dict(hidden_dim=16, depth=1, dilation=1.0),
+}
 
 
-def get_config():
-  config = s2ef.get_config()
+def get_config(arg: str = "egnn"):
+  """`arg` is "<model>" (S2EF) or "is2re,<model>"."""
+  task, _, model = arg.rpartition(",")
+  config = (is2re if task == "is2re" else s2ef).get_config(model)
   config.data.devset_num_systems = 12
   config.data.devset_dir = "~/.cache/matsci_jax/devset_test"
   config.data.batch_size = 4
-  config.model.hidden_dim = 16
-  config.model.num_layers = 2
-  config.model.num_radial = 4
-  config.model.readout_hidden = 8
+  config.model.update(_TINY[config.model.name])
   config.optimizer.warmup_steps = 5
   config.optimizer.learning_rate = 3e-3
   config.optimizer.ema_decay = 0.9

@@ -349,11 +349,14 @@ def build_devset(output_dir: str | os.PathLike, *, seed: int = 0,
         # Without the marker any converted folder here is from an
         # interrupted build (or overwrite was asked for): replace it.
         max_neighbors=max_neighbors, workers=workers, overwrite=True,
-        progress=progress, name=f"devset_{task}")
+        progress=progress, name=f"devset_{task}",
+        # Graph edges for EGNN/MegNet and point clouds for GALA.
+        representation="both")
   summary["total_seconds"] = time.perf_counter() - start
 
   record = {"seed": seed, "num_systems": num_systems or DEFAULT_NUM_SYSTEMS,
-            "cutoff": cutoff, "max_neighbors": max_neighbors, **summary}
+            "cutoff": cutoff, "max_neighbors": max_neighbors,
+            "representation": "both", **summary}
   tmp = marker.with_suffix(".json.tmp")
   tmp.write_text(json.dumps(record, indent=2) + "\n")
   os.replace(tmp, marker)

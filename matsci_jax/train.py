@@ -36,7 +36,7 @@ from matsci_jax.energy import Normalizer
 REQUIRED_FIELDS = {
     "data": ("path", "task", "train_split", "eval_splits", "batch_size",
              "max_nodes", "max_edges", "max_graphs", "num_workers", "prefetch",
-             "seed", "devset_dir", "devset_num_systems"),
+             "seed", "devset_dir", "devset_num_systems", "representation"),
     "model": ("name",),
     "loss": ("energy_weight", "force_weight", "energy_loss", "energy_per_atom",
              "force_loss", "free_atoms_only"),
@@ -44,7 +44,7 @@ REQUIRED_FIELDS = {
                   "weight_decay", "b1", "b2", "clip_norm", "ema_decay"),
     "train": ("num_steps", "seed", "log_every", "eval_every",
               "checkpoint_every", "keep_checkpoints", "best_metric",
-              "progress_bar"),
+              "progress_bar", "eval_at_start"),
 }
 MODEL_FILE = "model.json"
 # Fault injection for resume tests: SIGKILL this process after that step.
@@ -94,8 +94,9 @@ def dataset_folder(config) -> str:
   built = None
   if os.path.exists(marker):
     with open(marker) as f:
-      built = json.load(f).get("num_systems")
-  if built != config.data.devset_num_systems:
+      record = json.load(f)
+    built = (record.get("num_systems"), record.get("representation"))
+  if built != (config.data.devset_num_systems, "both"):
     logging.info("building the EMT dev set in %s (%d systems)", root,
                  config.data.devset_num_systems)
     make_devset.build_devset(root, num_systems=config.data.devset_num_systems,
@@ -105,10 +106,14 @@ def dataset_folder(config) -> str:
 
 
 def _budget(config, sizes: np.ndarray) -> batching.Budget:
-  # A given node budget also sizes the edge and graph budgets.
+  # A given node budget also sizes the edge and graph budgets. Point-cloud
+  # edges come in rows of K slots, so their budget is a multiple of K.
+  multiple = (config.model.num_neighbors
+              if config.data.representation == "point_cloud" else 1)
   auto = batching.compute_budget(sizes, config.data.batch_size,
                                  seed=config.data.seed,
-                                 n_node=config.data.max_nodes or None)
+                                 n_node=config.data.max_nodes or None,
+                                 edge_multiple=multiple)
   return batching.Budget(
       n_node=config.data.max_nodes or auto.n_node,
       n_edge=config.data.max_edges or auto.n_edge,
@@ -221,12 +226,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if data.task != task:
     raise ConfigError(f"{folder} is a {data.task} dataset but "
                       f"config.data.task is {task!r}")
-  if config.model.get("cutoff", 0) > data.cutoff + 1e-9:
+  representation = config.data.representation
+  edge_cutoff = data.cutoff
+  if representation == "point_cloud":
+    pc = data.metadata.get("point_cloud") or {}
+    edge_cutoff = pc.get("cutoff", data.cutoff)
+    k = config.model.get("num_neighbors")
+    if pc and k != pc["num_neighbors"]:
+      raise ConfigError(
+          f"config.model.num_neighbors is {k} but {folder} stores point "
+          f"clouds with {pc['num_neighbors']} slots per centre")
+  if config.model.get("cutoff", 0) > edge_cutoff + 1e-9:
     raise ConfigError(
         f"config.model.cutoff {config.model.cutoff} exceeds the dataset's "
-        f"edge cutoff {data.cutoff}: edges beyond it are missing")
-  train_split = data.split(config.data.train_split)
-  eval_splits = [data.split(s) for s in config.data.eval_splits]
+        f"{representation} cutoff {edge_cutoff}: neighbours beyond it are "
+        "missing")
+  train_split = data.split(config.data.train_split, representation)
+  eval_splits = [data.split(s, representation) for s in
+                 config.data.eval_splits]
   for split in [train_split] + eval_splits:
     _check_targets(split, task, folder)
   stats = train_split.statistics
@@ -373,6 +390,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     pending.clear()
     window_start = time.perf_counter()
 
+  if start == 0 and config.train.eval_at_start:
+    evaluate(0)
   kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
   try:
     for step in range(start, config.train.num_steps):

@@ -71,6 +71,7 @@ class GalaBlock(nn.Module):
   dilation: float
   cutoff: float
   reduce: bool
+  max_score: float = 5.0
 
   @nn.compact
   def __call__(self, r, h, weight):
@@ -89,6 +90,9 @@ class GalaBlock(nn.Module):
         invariants, h)
     logits = _ScoreNet(self.hidden_dim, self.dilation, name="scores")(
         values)[..., 0]
+    # Bounded scores: exp(score) can never outweigh a vanishing envelope, so
+    # slots fade in and out over the envelope's width, not abruptly.
+    logits = self.max_score * jnp.tanh(logits / self.max_score)
     pair_weight = weight[:, :, None] * weight[:, None, :]
     # Envelope-weighted softmax against a sink exp(0): continuous as slots
     # enter or leave the cutoff, and safe when a centre has no neighbours.

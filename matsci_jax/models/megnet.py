@@ -10,8 +10,8 @@ after a small dense "pre" network on each of e, v, u. Edge features are a
 Gaussian expansion of the distance; distances are computed inside the model
 from positions, cell and cell shifts, so the energy is invariant and forces
 are `-jax.grad` of it. Edge means are weighted by a smooth cutoff envelope
-(an edge at the cutoff has weight zero), so energies stay continuous when an
-atom crosses the cutoff.
+(an edge at the cutoff has weight zero) and divided by max(total weight, 1),
+so energies stay continuous when an atom crosses the cutoff.
 
 Readouts: "per_atom" (an MLP on node features, summed per structure by the
 energy function: extensive, for S2EF) or "set2set" (Set2Set over nodes and
@@ -54,12 +54,18 @@ class MLP(nn.Module):
 
 
 def _weighted_segment_mean(values, weights, segments, num_segments, sorted_):
+  """Weighted mean, softened to a weighted sum below a total weight of one.
+
+  A plain weighted mean jumps when the last neighbour leaves the cutoff (its
+  weight cancels); dividing by max(total weight, 1) makes it go to zero
+  smoothly, and equals the mean whenever a full neighbour is present.
+  """
   total = jax.ops.segment_sum(values * weights[:, None], segments,
                               num_segments=num_segments,
                               indices_are_sorted=sorted_)
   norm = jax.ops.segment_sum(weights, segments, num_segments=num_segments,
                              indices_are_sorted=sorted_)
-  return total / jnp.maximum(norm, 1e-6)[:, None]
+  return total / jnp.maximum(norm, 1.0)[:, None]
 
 
 class MegNetBlock(nn.Module):
@@ -89,7 +95,9 @@ class MegNetBlock(nn.Module):
     # Skip connections (projected when widths differ).
     if e0.shape[-1] != e.shape[-1]:
       e0 = nn.Dense(e.shape[-1], name="skip_edge")(e0)
+    if v0.shape[-1] != v.shape[-1]:
       v0 = nn.Dense(v.shape[-1], name="skip_node")(v0)
+    if u0.shape[-1] != u.shape[-1]:
       u0 = nn.Dense(u.shape[-1], name="skip_state")(u0)
     return e + e0, v + v0, u + u0
 

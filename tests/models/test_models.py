@@ -1,4 +1,4 @@
-"""EGNN: symmetries, forces as gradients, padding and ordering invariance."""
+"""Every model: symmetries, forces as gradients, padding and ordering, cutoff."""
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,27 @@ from matsci_jax.energy import Normalizer, make_energy_and_forces_fn
 CUTOFF = 4.0
 
 
+K = 48  # Point-cloud slots: more than any atom's neighbours within CUTOFF.
+POINT_CLOUD = dict(representation="point_cloud", num_neighbors=K)
+
+CASES = {
+    "egnn": (dict(name="egnn", hidden_dim=16, num_layers=2, num_radial=4,
+                  readout_hidden=8), {}),
+    "egnn_coords": (dict(name="egnn", hidden_dim=16, num_layers=2,
+                         num_radial=4, readout_hidden=8,
+                         coordinate_update=True), {}),
+    "megnet": (dict(name="megnet", embed_dim=8, pre=(16, 16),
+                    block_mlp=(16, 16, 16), num_blocks=2, num_gaussians=16,
+                    readout_mlp=(16,)), {}),
+    "megnet_set2set": (dict(name="megnet", embed_dim=8, pre=(16, 16),
+                            block_mlp=(16, 16, 16), num_blocks=2,
+                            num_gaussians=16, readout_mlp=(16,),
+                            readout="set2set"), {}),
+    "gala": (dict(name="gala", hidden_dim=16, depth=2, num_neighbors=K),
+             POINT_CLOUD),
+}
+
+
 def _structures():
   slab = fcc111("Cu", (2, 2, 3), vacuum=5.0)
   add_adsorbate(slab, "O", 1.4, "fcc")
@@ -23,39 +44,49 @@ def _structures():
   cell.rattle(0.05, seed=1)
   mol = molecule("CH3OH")
   mol.pbc = False
-  return [slab, cell, mol]
+  structures = [slab, cell, mol]
+  for atoms in structures:  # Untagged: every atom is a point-cloud centre.
+    atoms.arrays.pop("tags", None)
+  return structures
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "coords"])
+def _model(case, **overrides):
+  kwargs = dict(CASES[case][0], cutoff=CUTOFF, **overrides)
+  name = kwargs.pop("name")
+  return models.get(name, **kwargs)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
 def setup(request):
-  model = models.get("egnn", hidden_dim=16, num_layers=2, num_radial=4,
-                     cutoff=CUTOFF, readout_hidden=8,
-                     coordinate_update=request.param)
-  graph = batch_examples([graph_from_atoms(a, CUTOFF, None)
+  model = _model(request.param)
+  graph_kwargs = CASES[request.param][1]
+  graph = batch_examples([graph_from_atoms(a, CUTOFF, None, **graph_kwargs)
                           for a in _structures()])
   params = model.init(jax.random.PRNGKey(0), graph)
   # Random-ish output bias so energies are not trivially zero.
   norm = Normalizer(scale=jnp.float32(1.0), shift=jnp.float32(0.1),
                     element_energies=jnp.zeros(119, jnp.float32))
   fn = jax.jit(make_energy_and_forces_fn(model, norm))
-  return fn, params
+  return fn, params, graph_kwargs
 
 
 def test_energy_invariance_and_force_equivariance(setup):
-  fn, params = setup
-  testing.check_symmetries(fn, params, _structures(), CUTOFF)
+  fn, params, graph_kwargs = setup
+  testing.check_symmetries(fn, params, _structures(), CUTOFF, **graph_kwargs)
 
 
 def test_forces_equal_finite_differences(setup):
-  fn, params = setup
+  fn, params, graph_kwargs = setup
   for atoms in _structures():
     testing.check_forces_are_gradients(fn, params, atoms, CUTOFF, delta=1e-2,
-                                       atoms_to_check=(0, len(atoms) - 1))
+                                       atoms_to_check=(0, len(atoms) - 1),
+                                       **graph_kwargs)
 
 
 def test_forces_are_nonzero_and_finite_with_padding(setup):
-  fn, params = setup
-  examples = [graph_from_atoms(a, CUTOFF, None) for a in _structures()]
+  fn, params, graph_kwargs = setup
+  examples = [graph_from_atoms(a, CUTOFF, None, **graph_kwargs)
+              for a in _structures()]
   graph = batch_examples(examples, extra_graphs=3)
   energies, forces = fn(params, graph)
   assert np.isfinite(np.asarray(forces)).all()
@@ -66,12 +97,13 @@ def test_forces_are_nonzero_and_finite_with_padding(setup):
 
 
 def test_padding_and_order_do_not_change_outputs(setup):
-  fn, params = setup
-  examples = [graph_from_atoms(a, CUTOFF, None) for a in _structures()]
+  fn, params, graph_kwargs = setup
+  examples = [graph_from_atoms(a, CUTOFF, None, **graph_kwargs)
+              for a in _structures()]
   sizes = [len(e["atomic_numbers"]) for e in examples]
-  e1, f1 = testing.predict(fn, params, _structures(), CUTOFF)
+  e1, f1 = testing.predict(fn, params, _structures(), CUTOFF, **graph_kwargs)
   # Much larger budget: more padding nodes, edges and graphs.
-  big = batching.Budget(n_node=sum(sizes) + 57, n_edge=5000, n_graph=9)
+  big = batching.Budget(n_node=sum(sizes) + 57, n_edge=K * 200, n_graph=9)
   e2, f2 = fn(params, batch_examples(examples, big))
   np.testing.assert_allclose(np.asarray(e2)[:3], e1, rtol=1e-6, atol=1e-6)
   # Reversed order within the batch.
@@ -88,40 +120,31 @@ def test_padding_and_order_do_not_change_outputs(setup):
     np.testing.assert_allclose(np.asarray(e4)[0], e1[k], rtol=1e-6, atol=1e-6)
 
 
-def test_smooth_at_the_cutoff():
-  """Energy is continuous as an atom crosses the cutoff."""
-  model = models.get("egnn", hidden_dim=8, num_layers=1, num_radial=4,
-                     cutoff=CUTOFF, readout_hidden=4)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_smooth_at_the_cutoff(case):
+  """Energy is continuous as an atom crosses the cutoff, even with non-zero
+  biases (as after training)."""
   import ase
-  def dimer(d):
-    return ase.Atoms("CuO", positions=[[0, 0, 0], [d, 0, 0]], pbc=False)
-  graphs = [batch_examples([graph_from_atoms(dimer(d), CUTOFF + 1, None)])
-            for d in (CUTOFF - 1e-3, CUTOFF + 1e-3, CUTOFF + 0.5)]
-  params = model.init(jax.random.PRNGKey(1), graphs[0])
-  fn = make_energy_and_forces_fn(model, Normalizer.identity())
-  (e_in, f_in), (e_out, f_out), (e_far, _) = [fn(params, g) for g in graphs]
-  assert abs(float(e_in[0] - e_out[0])) < 1e-5
-  assert abs(float(e_out[0] - e_far[0])) < 1e-6
-  assert np.abs(np.asarray(f_in)).max() < 1e-4
+  model = _model(case)
+  graph_kwargs = dict(CASES[case][1])
 
-
-def test_coordinate_update_is_smooth_at_the_cutoff():
-  """Trained (non-zero) biases must not act on atoms beyond the cutoff."""
-  import ase
-  model = models.get("egnn", hidden_dim=8, num_layers=2, num_radial=4,
-                     cutoff=CUTOFF, readout_hidden=4, coordinate_update=True)
   def trimer(d):
     return ase.Atoms("CuOH", positions=[[0, 0, 0], [1.2, 0, 0], [-d, 0, 0]],
                      pbc=False)
-  graphs = [batch_examples([graph_from_atoms(trimer(d), CUTOFF + 1, None)])
-            for d in (CUTOFF - 1e-4, CUTOFF + 1e-4)]
+
+  # Edges a little beyond the model's cutoff, so the envelope decides.
+  graphs = [batch_examples([graph_from_atoms(trimer(d), CUTOFF + 1, None,
+                                             **graph_kwargs)])
+            for d in (CUTOFF - 1e-4, CUTOFF + 1e-4, CUTOFF + 0.5)]
   params = model.init(jax.random.PRNGKey(2), graphs[0])
   params = jax.tree_util.tree_map(
       lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(3), x.shape),
-      params)  # Non-zero biases, as after training.
+      params)
   fn = make_energy_and_forces_fn(model, Normalizer.identity())
-  (e_in, _), (e_out, _) = [fn(params, g) for g in graphs]
-  assert abs(float(e_in[0] - e_out[0])) < 2e-6
+  (e_in, _), (e_out, _), (e_far, _) = [fn(params, g) for g in graphs]
+  scale = max(1.0, abs(float(e_out[0])))  # float32 resolution of the sum
+  assert abs(float(e_in[0] - e_out[0])) < 2e-6 * scale
+  assert abs(float(e_out[0] - e_far[0])) < 4e-6 * scale
 
 
 def test_registry_from_config_rejects_unknown_fields():
@@ -132,4 +155,4 @@ def test_registry_from_config_rejects_unknown_fields():
     models.from_config(cfg)
   with pytest.raises(KeyError, match="unknown model"):
     models.get("nope")
-  assert "egnn" in models.names()
+  assert {"egnn", "megnet", "gala"} <= set(models.names())
