@@ -60,7 +60,7 @@ def main():
   shared = os.path.join(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), "..", "shared", "data",
       "matsciml_lips_devset")
-  results = {"machine": _results.machine(), "runs": []}
+  results = {"runs": []}
   with tempfile.TemporaryDirectory() as tmp:
     slabs = os.path.join(tmp, "slabs.lmdb")
     _write_slabs(slabs, args.structures)
@@ -85,6 +85,9 @@ def main():
             "structures_per_s": round(n / seconds, 1),
             "structures_per_s_per_core": round(
                 n / seconds / min(workers, os.cpu_count()), 1)})
+  # After the runs: importing jax starts threads, which would make the
+  # converter start its workers with forkserver instead of fork.
+  results["machine"] = _results.machine()
   print(json.dumps(results, indent=1))
   if args.record:
     _results.record("convert_throughput", "Converter throughput",

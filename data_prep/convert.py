@@ -247,16 +247,14 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
   os.makedirs(tmp)
   writers, stats, flags, skipped = {}, {}, {}, []
   try:
+    _init_worker(readers, task, cutoff, max_neighbors, representation,
+                 pc_options)
     if workers == 1 or total <= _CHUNK:
-      _init_worker(readers, task, cutoff, max_neighbors, representation,
-                   pc_options)
       results = map(_process, jobs)
-      pool = None
     else:
-      pool = processes.pool_context().Pool(
-          workers, _init_worker, (readers, task, cutoff, max_neighbors,
-                                  representation, pc_options))
-      results = pool.imap(_process, jobs, chunksize=1)
+      results = processes.ordered_map(
+          _process, jobs, workers, _init_worker,
+          (readers, task, cutoff, max_neighbors, representation, pc_options))
     bar = tqdm.tqdm(total=total, unit="struct", disable=not progress,
                     desc=f"convert {name}")
     try:
@@ -285,8 +283,8 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
         bar.update(len(chunk))
     finally:
       bar.close()
-      if pool is not None:
-        pool.terminate()
+      if hasattr(results, "close"):
+        results.close()  # Stops the workers when the run ends early.
 
     split_infos = [w.close() for w in writers.values()]
     empty = [s for s, st in stats.items() if not st.n_atoms]

@@ -273,9 +273,8 @@ def generate_raw(raw_dir: str | os.PathLike, *, seed: int = 0,
       if workers > 1:
         # Ordered imap: the output does not depend on the worker
         # count, and frames are written while later systems run.
-        pool = stack.enter_context(
-            processes.pool_context().Pool(workers))
-        results = pool.imap(_run_system, jobs)
+        results = stack.enter_context(contextlib.closing(
+            processes.ordered_map(_run_system, jobs, workers)))
       else:
         results = map(_run_system, jobs)
       for index, result in enumerate(tqdm(

@@ -25,18 +25,23 @@ class Normalizer:
   """Target scaling from training-split statistics.
 
   Attributes:
-    scale: eV per unit model output; also the unit of the normalised loss.
+    scale: eV per unit of per-atom model output; also the unit of the
+      normalised loss.
     shift: eV added per atom.
     element_energies: float [119], reference energy per element in eV.
+    graph_scale: eV per unit of per-structure model output (the spread of
+      structure energies after the element references).
   """
   scale: jax.Array
   shift: jax.Array
   element_energies: jax.Array
+  graph_scale: jax.Array = 1.0
 
   @classmethod
   def identity(cls) -> "Normalizer":
     return cls(scale=jnp.float32(1.0), shift=jnp.float32(0.0),
-               element_energies=jnp.zeros(NUM_ELEMENTS, jnp.float32))
+               element_energies=jnp.zeros(NUM_ELEMENTS, jnp.float32),
+               graph_scale=jnp.float32(1.0))
 
   @classmethod
   def from_statistics(cls, stats: dict, target: str = "energy"
@@ -57,19 +62,25 @@ class Normalizer:
     if not scale:
       scale = energy["residual_std"] / np.sqrt(mean_atoms)
     scale = float(scale) if scale and np.isfinite(scale) and scale > 0 else 1.0
+    graph_scale = energy["residual_std"]
+    if not (np.isfinite(graph_scale) and graph_scale > 0):
+      graph_scale = 1.0
     return cls(scale=jnp.float32(scale),
                shift=jnp.float32(energy["residual_mean"] / mean_atoms),
-               element_energies=jnp.asarray(refs))
+               element_energies=jnp.asarray(refs),
+               graph_scale=jnp.float32(graph_scale))
 
   def to_dict(self) -> dict:
     return {"scale": float(self.scale), "shift": float(self.shift),
-            "element_energies": np.asarray(self.element_energies).tolist()}
+            "element_energies": np.asarray(self.element_energies).tolist(),
+            "graph_scale": float(self.graph_scale)}
 
   @classmethod
   def from_dict(cls, d: dict) -> "Normalizer":
     return cls(scale=jnp.float32(d["scale"]), shift=jnp.float32(d["shift"]),
                element_energies=jnp.asarray(d["element_energies"],
-                                            jnp.float32))
+                                            jnp.float32),
+               graph_scale=jnp.float32(d.get("graph_scale", 1.0)))
 
 
 def make_energy_fn(model, normalizer: Normalizer) -> Callable:
@@ -96,7 +107,7 @@ def make_energy_fn(model, normalizer: Normalizer) -> Callable:
                                    indices_are_sorted=True)
     if per_graph:  # Structure-level models (e.g. a Set2Set readout).
       energies = energies + jnp.where(graph.globals["mask"],
-                                      normalizer.scale * out, 0.0)
+                                      normalizer.graph_scale * out, 0.0)
     return energies
 
   return energy_fn

@@ -1,14 +1,22 @@
-"""Worker-process start method shared by the converter and the dev set.
+"""Worker processes shared by the converter and the dev set.
 
 `fork` starts workers at once and shares the parent's loaded modules, but
 forking a process that runs other threads (jax's thread pools, grain's
 prefetchers) can deadlock the child. Such processes use `forkserver`, which
-forks from a clean single-threaded server instead.
+forks from a clean single-threaded server instead; like `spawn`, it imports
+the calling script's `__main__` module in the workers, so scripts need an
+`if __name__ == "__main__":` guard. A worker that dies raises an error here
+rather than hanging the run.
 """
 
+from __future__ import annotations
+
+import collections
+import concurrent.futures
 import multiprocessing
 import os
 import threading
+from typing import Callable, Iterable, Iterator
 
 
 def _thread_count() -> int:
@@ -23,3 +31,41 @@ def pool_context():
   if _thread_count() == 1:
     return multiprocessing.get_context("fork")
   return multiprocessing.get_context("forkserver")
+
+
+def ordered_map(fn: Callable, jobs: Iterable, workers: int,
+                initializer: Callable | None = None, initargs: tuple = (),
+                in_flight_per_worker: int = 4) -> Iterator:
+  """Yields fn(job) for every job, in order, computed by worker processes.
+
+  At most `workers * in_flight_per_worker` jobs are pending at once, so a
+  slow consumer (a writer) never lets results pile up in memory.
+
+  Raises:
+    RuntimeError: a worker process died (e.g. killed, or a script without a
+      `__main__` guard under forkserver).
+  """
+  limit = max(1, workers * in_flight_per_worker)
+  with concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=pool_context(), initializer=initializer,
+      initargs=initargs) as pool:
+    pending = collections.deque()
+    try:
+      for job in jobs:
+        pending.append(pool.submit(fn, job))
+        if len(pending) >= limit:
+          yield _result(pending.popleft())
+      while pending:
+        yield _result(pending.popleft())
+    finally:
+      for future in pending:
+        future.cancel()
+
+
+def _result(future):
+  try:
+    return future.result()
+  except concurrent.futures.process.BrokenProcessPool as e:
+    raise RuntimeError(
+        "a worker process died; if this runs from a script, guard its entry "
+        "point with `if __name__ == \"__main__\":` (workers import it)") from e

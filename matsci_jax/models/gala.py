@@ -88,8 +88,11 @@ class GalaBlock(nn.Module):
         jnp.broadcast_to(nj[:, None, :], dot.shape), dot, wedge_norm], -1)
     values = _ValueNet(self.hidden_dim, self.dilation, name="values")(
         invariants, h)
-    logits = _ScoreNet(self.hidden_dim, self.dilation, name="scores")(
-        values)[..., 0]
+    # Tied attention: one network gives the score and, for non-reducing
+    # blocks, the three coefficients of the covariant update.
+    heads = _ScoreNet(self.hidden_dim, self.dilation,
+                      outputs=1 if self.reduce else 4, name="scores")(values)
+    logits = heads[..., 0]
     # Bounded scores: exp(score) can never outweigh a vanishing envelope, so
     # slots fade in and out over the envelope's width, not abruptly.
     logits = self.max_score * jnp.tanh(logits / self.max_score)
@@ -105,8 +108,7 @@ class GalaBlock(nn.Module):
     if self.reduce:
       return jnp.einsum("rjk,rjkd->rd", w, values), r
     out = jnp.einsum("rjk,rjkd->rjd", w, values)
-    coeffs = _ScoreNet(self.hidden_dim, self.dilation, outputs=3,
-                       name="covariant")(values)
+    coeffs = heads[..., 1:]
     update = (coeffs[..., 0:1] * rj + coeffs[..., 1:2] * rk
               + coeffs[..., 2:3] * wedge * scale)
     r = r + jnp.einsum("rjk,rjkc->rjc", w, update)
