@@ -30,7 +30,7 @@ _MODELS = {
                          activation="shifted_softplus"),
     "gala": dict(name="gala", hidden_dim=64, depth=2, dilation=2.0,
                  num_neighbors=16, cutoff=6.0),
-    "gala_paper": dict(name="gala", hidden_dim=200, depth=2, dilation=2.0,
+    "gala_paper": dict(name="gala", hidden_dim=208, depth=2, dilation=2.0,
                        num_neighbors=16, cutoff=6.0),
 }
 

@@ -1,0 +1,34 @@
+"""Every model config has the parameter count README states."""
+
+import os
+import re
+
+import pytest
+
+from configs import models as model_configs
+from matsci_jax.models.counting import count_parameters
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "README.md")
+
+
+def _readme_counts():
+  rows = {}
+  for line in open(README):
+    m = re.match(r"\| `(\w+)`[^|]*\|[^|]*\|[^|]*\| ([\d,]+) \| ([\d,]+) \|", line)
+    if m:
+      rows[m.group(1)] = (int(m.group(2).replace(",", "")),
+                          int(m.group(3).replace(",", "")))
+  return rows
+
+
+def test_readme_lists_every_model_config():
+  assert set(_readme_counts()) == set(model_configs.names())
+
+
+@pytest.mark.parametrize("name", model_configs.names())
+def test_parameter_count_matches_readme(name):
+  s2ef, is2re = _readme_counts()[name]
+  rep = model_configs.representation(name)
+  assert count_parameters(model_configs.model_config(name, "s2ef"), rep) == s2ef
+  assert count_parameters(model_configs.model_config(name, "is2re"), rep) == is2re
