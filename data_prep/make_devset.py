@@ -271,7 +271,7 @@ def generate_raw(raw_dir: str | os.PathLike, *, seed: int = 0,
                for name in RAW_FILES}
       jobs = [(seed, index) for index in range(num_systems)]
       if workers > 1:
-        # Ordered imap: the output does not depend on the worker
+        # Results come back in order: the output does not depend on the worker
         # count, and frames are written while later systems run.
         results = stack.enter_context(contextlib.closing(
             processes.ordered_map(_run_system, jobs, workers)))
