@@ -12,8 +12,13 @@ It follows the OC20 conventions:
 * All tag-0 atoms are fixed with `ase.constraints.FixAtoms`.
 * Periodic in all three directions, with ~7 Å of vacuum on each side of the
   slab.
-* Energies are total EMT energies in eV; forces (eV/Å) are the raw forces
-  (`apply_constraint=False`), so fixed atoms carry their forces too.
+* Energies are adsorption energies in eV, referenced as OC20 references
+  them: the total EMT energy minus that of the relaxed clean slab and minus
+  gas-phase references for the adsorbate atoms (H from H2, O from H2O - H2,
+  C from CO - O, N from N2, each molecule relaxed under EMT). The subtracted
+  amount is kept in `info["energy_reference"]`, as OC20 keeps its
+  `ref_energy`. Forces (eV/Å) are the raw forces (`apply_constraint=False`),
+  so fixed atoms carry their forces too.
 
 Two tasks are produced from the same relaxations:
 
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -47,7 +53,7 @@ from pathlib import Path
 import ase.io
 import numpy as np
 from ase import Atoms
-from ase.build import add_adsorbate, fcc100, fcc111
+from ase.build import add_adsorbate, fcc100, fcc111, molecule
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
@@ -92,17 +98,87 @@ ADSORBATES = {
     "H2O": ("OH2", [(0, 0, 0), (0.76, 0, 0.59), (-0.76, 0, 0.59)]),
 }
 
+# OC20's gas-phase references: each adsorbate element from small molecules.
+GAS_MOLECULES = ("H2", "H2O", "CO", "N2")
+
 SPLITS = ("train", "val")
 RAW_FILES = tuple(f"{task}_{split}.extxyz"
                   for task in ("s2ef", "is2re") for split in SPLITS)
 MARKER = "devset.json"
+# Bumped whenever the generated data change, so that cached copies rebuild.
+VERSION = 2
+
+
+def _relax(atoms: Atoms) -> float:
+  """Relaxes `atoms` in place under EMT; returns the final energy."""
+  atoms.calc = EMT()
+  LBFGS(atoms, logfile=None).run(fmax=FMAX / 5, steps=200)
+  return float(atoms.get_potential_energy())
+
+
+@functools.cache
+def gas_references() -> dict[str, float]:
+  """EMT reference energy per adsorbate element, OC20's recipe.
+
+  H = E(H2)/2, O = E(H2O) - E(H2), C = E(CO) - O, N = E(N2)/2, each molecule
+  relaxed in a 16 Å box.
+  """
+  energy = {}
+  for name in GAS_MOLECULES:
+    gas = molecule(name)
+    gas.center(vacuum=8.0)
+    energy[name] = _relax(gas)
+  o = energy["H2O"] - energy["H2"]
+  return {"H": energy["H2"] / 2, "O": o, "C": energy["CO"] - o,
+          "N": energy["N2"] / 2}
+
+
+def _clean_slab(index: int) -> Atoms:
+  """The tagged, constrained, periodic clean slab of system `index`.
+
+  Metal, facet and slab size cycle with the index so that even a small set
+  covers all metals.
+  """
+  metal = METALS[index % len(METALS)]
+  facet = list(FACETS)[(index // len(METALS)) % len(FACETS)]
+  size = SIZES[(index // (len(METALS) * len(FACETS))) % len(SIZES)]
+  slab = FACETS[facet](metal, size=size, vacuum=VACUUM)
+  # ase.build numbers layers from the top (1) downwards.
+  tags = (slab.get_tags() <= SURFACE_LAYERS).astype(int)
+  slab.set_tags(tags)
+  slab.set_constraint(FixAtoms(mask=tags == 0))
+  slab.pbc = True
+  return slab
+
+
+@functools.cache
+def _slab_energy(metal: str, facet: str, size: tuple[int, ...]) -> float:
+  index = METALS.index(metal) + len(METALS) * (
+      list(FACETS).index(facet) + len(FACETS) * SIZES.index(size))
+  return _relax(_clean_slab(index))
+
+
+def slab_energy(index: int) -> float:
+  """Energy of system `index`'s relaxed clean slab (cached per slab kind)."""
+  metal = METALS[index % len(METALS)]
+  facet = list(FACETS)[(index // len(METALS)) % len(FACETS)]
+  size = SIZES[(index // (len(METALS) * len(FACETS))) % len(SIZES)]
+  return _slab_energy(metal, facet, size)
+
+
+def reference_energy(atoms: Atoms, index: int) -> float:
+  """What OC20 subtracts from a total energy: clean slab plus gas refs."""
+  gas = gas_references()
+  tags = atoms.get_tags()
+  return slab_energy(index) + sum(
+      gas[s] for s, t in zip(atoms.get_chemical_symbols(), tags) if t == 2)
 
 
 def make_system(seed: int, index: int) -> tuple[Atoms, np.random.Generator]:
   """Builds the initial slab + adsorbate structure of one system.
 
-  Metal, facet and slab size cycle with the index so that even a small set
-  covers all metals; adsorbate, site and placement are random.
+  The slab comes from `_clean_slab`; adsorbate, site and placement are
+  random.
 
   Args:
     seed: Global seed of the dev set.
@@ -113,13 +189,8 @@ def make_system(seed: int, index: int) -> tuple[Atoms, np.random.Generator]:
     random generator, to be used for everything else about the system.
   """
   rng = np.random.default_rng([seed, index])
-  metal = METALS[index % len(METALS)]
-  facet = list(FACETS)[(index // len(METALS)) % len(FACETS)]
+  slab = _clean_slab(index)
   size = SIZES[(index // (len(METALS) * len(FACETS))) % len(SIZES)]
-  slab = FACETS[facet](metal, size=size, vacuum=VACUUM)
-
-  # ase.build numbers layers from the top (1) downwards.
-  is_surface = slab.get_tags() <= SURFACE_LAYERS
   sites = list(slab.info["adsorbate_info"]["sites"])
   site = sites[rng.integers(len(sites))]
   symbols, positions = ADSORBATES[list(ADSORBATES)[
@@ -129,14 +200,15 @@ def make_system(seed: int, index: int) -> tuple[Atoms, np.random.Generator]:
   height = SITE_HEIGHT[site] + rng.uniform(-HEIGHT_JITTER, HEIGHT_JITTER)
   cell_offset = (rng.integers(size[0]), rng.integers(size[1]))
   num_slab = len(slab)
+  slab_tags = slab.get_tags()
+  slab.set_constraint()
   add_adsorbate(slab, ads, height, position=site, offset=cell_offset)
   slab.positions[num_slab:, :2] += rng.normal(0, LATERAL_JITTER, 2)
 
   tags = np.full(len(slab), 2)
-  tags[:num_slab] = is_surface.astype(int)
+  tags[:num_slab] = slab_tags
   slab.set_tags(tags)
   slab.set_constraint(FixAtoms(mask=tags == 0))
-  slab.pbc = True
   slab.info = {}
   slab.wrap()
   return slab, rng
@@ -164,12 +236,13 @@ def run_system(seed: int, index: int) -> dict:
     `{"s2ef": [Atoms, ...], "is2re": Atoms}` with results attached.
   """
   atoms, rng = make_system(seed, index)
+  reference = reference_energy(atoms, index)
   atoms.calc = EMT()
   trajectory = []
 
   def record():
     trajectory.append((atoms.positions.copy(),
-                       atoms.get_potential_energy(),
+                       atoms.get_potential_energy() - reference,
                        atoms.get_forces(apply_constraint=False)))
 
   # L-BFGS rather than BFGS: BFGS diagonalises its Hessian every step, and
@@ -182,7 +255,8 @@ def run_system(seed: int, index: int) -> dict:
   steps = list(range(0, len(trajectory), FRAME_STRIDE))
   if steps[-1] != len(trajectory) - 1:
     steps.append(len(trajectory) - 1)
-  frames = [_frame(atoms, *trajectory[i], sid=index, fid=i) for i in steps]
+  frames = [_frame(atoms, *trajectory[i], sid=index, fid=i,
+                   energy_reference=reference) for i in steps]
 
   # Rattled copies sample off-path configurations near the minimum, which
   # the relaxation itself rarely visits.
@@ -196,12 +270,15 @@ def run_system(seed: int, index: int) -> dict:
     positions = trajectory[base][0].copy()
     positions[free] += rng.normal(0, sigma, (free.sum(), 3))
     probe.positions = positions
-    frames.append(_frame(atoms, positions, probe.get_potential_energy(),
+    frames.append(_frame(atoms, positions,
+                         probe.get_potential_energy() - reference,
                          probe.get_forces(apply_constraint=False),
-                         sid=index, fid=len(trajectory) + k))
+                         sid=index, fid=len(trajectory) + k,
+                         energy_reference=reference))
 
   initial = _frame(atoms, *trajectory[0], sid=index,
-                   energy_relaxed=float(trajectory[-1][1]))
+                   energy_relaxed=float(trajectory[-1][1]),
+                   energy_reference=reference)
   initial.new_array("positions_relaxed", trajectory[-1][0])
   return {"s2ef": frames, "is2re": initial}
 
@@ -355,7 +432,7 @@ def build_devset(output_dir: str | os.PathLike, *, seed: int = 0,
 
   record = {"seed": seed, "num_systems": num_systems or DEFAULT_NUM_SYSTEMS,
             "cutoff": cutoff, "max_neighbors": max_neighbors,
-            "representation": "both", **summary}
+            "representation": "both", "version": VERSION, **summary}
   tmp = marker.with_suffix(".json.tmp")
   tmp.write_text(json.dumps(record, indent=2) + "\n")
   os.replace(tmp, marker)

@@ -95,8 +95,9 @@ def dataset_folder(config) -> str:
   if os.path.exists(marker):
     with open(marker) as f:
       record = json.load(f)
-    built = (record.get("num_systems"), record.get("representation"))
-  if built != (config.data.devset_num_systems, "both"):
+    built = (record.get("num_systems"), record.get("representation"),
+             record.get("version"))
+  if built != (config.data.devset_num_systems, "both", make_devset.VERSION):
     logging.info("building the EMT dev set in %s (%d systems)", root,
                  config.data.devset_num_systems)
     make_devset.build_devset(root, num_systems=config.data.devset_num_systems,

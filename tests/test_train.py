@@ -180,17 +180,33 @@ def test_devset_cache_is_rebuilt_when_its_size_changes(tmp_path):
   assert n5 > n3
 
 
+def _metric(workdir, name):
+  with open(os.path.join(workdir, "metrics.csv")) as f:
+    return {int(r["step"]): float(r["value"]) for r in csv.DictReader(f)
+            if r["metric"] == name}
+
+
 @pytest.mark.parametrize("task,model", [
     ("s2ef", "egnn"), ("s2ef", "megnet"), ("s2ef", "gala"),
     ("is2re", "egnn"), ("is2re", "gala"),
     pytest.param("is2re", "megnet", marks=pytest.mark.xfail(
-        strict=True, reason="MegNet's Set2Set readout does not learn the "
-        "relaxed energy yet")),
-])
-def test_every_model_and_task_trains(small_devset, tmp_path, task, model):
+        strict=True, reason="MegNet's Set2Set readout does not yet beat the "
+        "element-reference fit on relaxed adsorption energies"))])
+def test_every_model_and_task_learns(devset, tmp_path, task, model):
+  """A short run on the dev set lowers the training loss and validation error.
+
+  The full dev set's validation split (469 S2EF frames, 30 IS2RE systems)
+  is evaluated before and after 60 steps of a small model.
+  """
   config = test_config.get_config(f"{task},{model}")
-  config.data.path = str(small_devset / task)
+  config.data.path = str(devset / task)
+  config.train.num_steps = 60
+  config.train.eval_every = 60
+  config.train.eval_at_start = True
   result = train.train_and_evaluate(config, str(tmp_path))
   losses = _train_losses(tmp_path)
   assert losses[-1][1] < 0.85 * losses[0][1], losses
+  energy = _metric(tmp_path, "val/energy_mae")
+  assert sorted(energy) == [0, 60]
+  assert energy[60] < energy[0], energy
   assert result["recompiles_after_warmup"] == 0

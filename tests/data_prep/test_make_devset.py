@@ -3,9 +3,12 @@
 import ase.io
 import numpy as np
 import pytest
+from ase.build import molecule
 from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms
+from ase.optimize import LBFGS
 
+from data_prep import make_devset
 from data_prep.make_devset import RAW_FILES, generate_raw
 
 NUM_SYSTEMS = 6
@@ -89,8 +92,9 @@ def test_energies_and_forces_match_emt(raw):
   for images in data.values():
     for atoms in images:
       energy, forces = emt(atoms)
-      assert atoms.get_potential_energy() == pytest.approx(energy,
-                                                           abs=1e-6)
+      reference = atoms.info["energy_reference"]
+      assert atoms.get_potential_energy() == pytest.approx(
+          energy - reference, abs=1e-6)
       np.testing.assert_allclose(
           atoms.get_forces(apply_constraint=False), forces, atol=1e-6)
 
@@ -103,10 +107,42 @@ def test_is2re_relaxation(raw):
     e_relaxed = atoms.info["energy_relaxed"]
     assert e_relaxed < atoms.get_potential_energy()
     energy, _ = emt(atoms, atoms.arrays["positions_relaxed"])
-    assert e_relaxed == pytest.approx(energy, abs=1e-6)
+    assert e_relaxed == pytest.approx(
+        energy - atoms.info["energy_reference"], abs=1e-6)
     # The first S2EF frame of a system is its initial structure.
     first = s2ef[atoms.info["sid"], 0]
     np.testing.assert_allclose(first.positions, atoms.positions)
+
+
+def test_energies_are_referenced_as_in_oc20(raw):
+  """Adsorption energies: total minus relaxed clean slab and gas refs."""
+  data, _, _ = raw
+  gas = make_devset.gas_references()
+  # OC20's recipe from EMT molecules, recomputed here from the molecules.
+  molecules = {}
+  for name in ("H2", "H2O", "CO", "N2"):
+    m = molecule(name)
+    m.center(vacuum=8.0)
+    m.calc = EMT()
+    LBFGS(m, logfile=None).run(fmax=0.01, steps=200)
+    molecules[name] = m.get_potential_energy()
+  o = molecules["H2O"] - molecules["H2"]
+  assert gas == pytest.approx({"H": molecules["H2"] / 2, "O": o,
+                               "C": molecules["CO"] - o,
+                               "N": molecules["N2"] / 2}, abs=1e-9)
+  for atoms in data["is2re_train"] + data["is2re_val"]:
+    sid = atoms.info["sid"]
+    slab = atoms[atoms.get_tags() != 2]
+    slab.set_constraint(FixAtoms(mask=slab.get_tags() == 0))
+    slab.calc = EMT()
+    LBFGS(slab, logfile=None).run(fmax=0.01, steps=200)
+    ads = atoms[atoms.get_tags() == 2].get_chemical_symbols()
+    expected = slab.get_potential_energy() + sum(gas[s] for s in ads)
+    assert atoms.info["energy_reference"] == pytest.approx(expected, abs=1e-3)
+    assert make_devset.slab_energy(sid) == pytest.approx(
+        slab.get_potential_energy(), abs=1e-3)
+    # Adsorption energies of small species on metals: a few eV at most.
+    assert -8.0 < atoms.info["energy_relaxed"] < 4.0
 
 
 def test_frames_and_splits(raw):
