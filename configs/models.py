@@ -29,9 +29,9 @@ _MODELS = {
                          readout_mlp=(64, 32), set2set_steps=3,
                          activation="shifted_softplus"),
     "gala": dict(name="gala", hidden_dim=64, depth=2, dilation=2.0,
-                 num_neighbors=16, cutoff=6.0),
+                 num_neighbors=16, nearest_neighbors=0, cutoff=6.0),
     "gala_paper": dict(name="gala", hidden_dim=208, depth=2, dilation=2.0,
-                       num_neighbors=16, cutoff=6.0),
+                       num_neighbors=16, nearest_neighbors=0, cutoff=6.0),
 }
 
 

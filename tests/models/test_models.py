@@ -147,6 +147,31 @@ def test_smooth_at_the_cutoff(case):
   assert abs(float(e_out[0] - e_far[0])) < 4e-6 * scale
 
 
+def test_gala_nearest_neighbors_equals_fewer_stored_slots():
+  """Using the nearest k of K stored slots is the model on k slots."""
+  k = 6
+  structures = _structures()
+  full = batch_examples([graph_from_atoms(a, CUTOFF, None, **POINT_CLOUD)
+                         for a in structures])
+  few = batch_examples([graph_from_atoms(a, CUTOFF, None,
+                                         representation="point_cloud",
+                                         num_neighbors=k)
+                        for a in structures])
+  model_full = _model("gala", nearest_neighbors=k)
+  model_few = _model("gala", num_neighbors=k)
+  params = model_few.init(jax.random.PRNGKey(0), few)
+  norm = Normalizer.identity()
+  e_full, f_full = make_energy_and_forces_fn(model_full, norm)(params, full)
+  e_few, f_few = make_energy_and_forces_fn(model_few, norm)(params, few)
+  np.testing.assert_allclose(e_full, e_few, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(f_full, f_few, rtol=1e-4, atol=1e-5)
+  # Fewer slots is a different model: the comparison can fail.
+  e_all, _ = make_energy_and_forces_fn(_model("gala"), norm)(params, full)
+  assert np.abs(np.asarray(e_all) - np.asarray(e_few)).max() > 1e-3
+  with pytest.raises(ValueError, match="nearest_neighbors"):
+    _model("gala", nearest_neighbors=K + 1).init(jax.random.PRNGKey(0), full)
+
+
 def test_registry_from_config_rejects_unknown_fields():
   import ml_collections
   cfg = ml_collections.ConfigDict({"name": "egnn", "hidden_dim": 8,
