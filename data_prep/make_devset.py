@@ -133,15 +133,19 @@ def gas_references() -> dict[str, float]:
           "N": energy["N2"] / 2}
 
 
-def _clean_slab(index: int) -> Atoms:
-  """The tagged, constrained, periodic clean slab of system `index`.
+def _slab_kind(index: int) -> tuple[str, str, tuple[int, int, int]]:
+  """Metal, facet and slab size of system `index`.
 
-  Metal, facet and slab size cycle with the index so that even a small set
-  covers all metals.
+  They cycle with the index so that even a small set covers all metals.
   """
   metal = METALS[index % len(METALS)]
   facet = list(FACETS)[(index // len(METALS)) % len(FACETS)]
   size = SIZES[(index // (len(METALS) * len(FACETS))) % len(SIZES)]
+  return metal, facet, size
+
+
+def _clean_slab(metal: str, facet: str, size: tuple[int, int, int]) -> Atoms:
+  """The tagged, constrained, periodic clean slab of one kind."""
   slab = FACETS[facet](metal, size=size, vacuum=VACUUM)
   # ase.build numbers layers from the top (1) downwards.
   tags = (slab.get_tags() <= SURFACE_LAYERS).astype(int)
@@ -152,18 +156,13 @@ def _clean_slab(index: int) -> Atoms:
 
 
 @functools.cache
-def _slab_energy(metal: str, facet: str, size: tuple[int, ...]) -> float:
-  index = METALS.index(metal) + len(METALS) * (
-      list(FACETS).index(facet) + len(FACETS) * SIZES.index(size))
-  return _relax(_clean_slab(index))
+def _slab_energy(metal: str, facet: str, size: tuple[int, int, int]) -> float:
+  return _relax(_clean_slab(metal, facet, size))
 
 
 def slab_energy(index: int) -> float:
   """Energy of system `index`'s relaxed clean slab (cached per slab kind)."""
-  metal = METALS[index % len(METALS)]
-  facet = list(FACETS)[(index // len(METALS)) % len(FACETS)]
-  size = SIZES[(index // (len(METALS) * len(FACETS))) % len(SIZES)]
-  return _slab_energy(metal, facet, size)
+  return _slab_energy(*_slab_kind(index))
 
 
 def reference_energy(atoms: Atoms, index: int) -> float:
@@ -189,8 +188,8 @@ def make_system(seed: int, index: int) -> tuple[Atoms, np.random.Generator]:
     random generator, to be used for everything else about the system.
   """
   rng = np.random.default_rng([seed, index])
-  slab = _clean_slab(index)
-  size = SIZES[(index // (len(METALS) * len(FACETS))) % len(SIZES)]
+  metal, facet, size = _slab_kind(index)
+  slab = _clean_slab(metal, facet, size)
   sites = list(slab.info["adsorbate_info"]["sites"])
   site = sites[rng.integers(len(sites))]
   symbols, positions = ADSORBATES[list(ADSORBATES)[
