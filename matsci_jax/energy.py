@@ -4,6 +4,12 @@ E_graph = sum over its real atoms of (scale * model_i + shift + ref[Z_i]),
 where `ref` are per-element reference energies fitted on the training split,
 so the network learns only a residual of order one, and forces are
 F = -dE/dpositions, computed with `jax.grad` inside the jitted step.
+
+Structure-level (intensive) models give one output per structure instead:
+E_graph = graph_shift + sum of references + graph_scale * model_graph. On
+OC20-style adsorption energies their references count only the adsorbate
+atoms (see `data.statistics`), since a sum over slab atoms would add a term
+that grows with the slab and that an intensive readout cannot cancel.
 """
 
 from __future__ import annotations
@@ -31,11 +37,16 @@ class Normalizer:
     element_energies: float [119], reference energy per element in eV.
     graph_scale: eV per unit of per-structure model output (the spread of
       structure energies after the element references).
+    graph_shift: eV added per structure.
+    reference_tag: -1 to apply `element_energies` to every atom, or the OC20
+      tag of the atoms they apply to (2: adsorbate).
   """
   scale: jax.Array
   shift: jax.Array
   element_energies: jax.Array
   graph_scale: jax.Array = 1.0
+  graph_shift: jax.Array = 0.0
+  reference_tag: int = flax.struct.field(pytree_node=False, default=-1)
 
   @classmethod
   def identity(cls) -> "Normalizer":
@@ -44,17 +55,31 @@ class Normalizer:
                graph_scale=jnp.float32(1.0))
 
   @classmethod
-  def from_statistics(cls, stats: dict, target: str = "energy"
-                      ) -> "Normalizer":
+  def from_statistics(cls, stats: dict, target: str = "energy",
+                      per_graph: bool = False) -> "Normalizer":
     """Builds a normaliser from a split's statistics (see data.statistics).
 
     The scale is the force RMS when forces exist (then forces come out of the
     network at order one), else the residual energy spread per sqrt(atom).
+    With `per_graph` (a structure-level model) and a split whose structures
+    all carry OC20 tags, the adsorbate-only reference fit is used.
     """
     energy = stats.get(target)
     refs = np.zeros(NUM_ELEMENTS, np.float32)
     if not energy:
       return cls.identity()
+    fit = energy.get("adsorbate_fit") if per_graph else None
+    if fit:
+      for z, value in fit["element_references"].items():
+        refs[int(z)] = value
+      std = fit["residual_std"]
+      std = float(std) if np.isfinite(std) and std > 0 else 1.0
+      return cls(
+          scale=jnp.float32(std / np.sqrt(max(stats["mean_atoms"], 1.0))),
+          shift=jnp.float32(0.0), element_energies=jnp.asarray(refs),
+          graph_scale=jnp.float32(std),
+          graph_shift=jnp.float32(fit["constant"] + fit["residual_mean"]),
+          reference_tag=2)
     for z, value in energy["element_references"].items():
       refs[int(z)] = value
     mean_atoms = max(stats["mean_atoms"], 1.0)
@@ -73,14 +98,18 @@ class Normalizer:
   def to_dict(self) -> dict:
     return {"scale": float(self.scale), "shift": float(self.shift),
             "element_energies": np.asarray(self.element_energies).tolist(),
-            "graph_scale": float(self.graph_scale)}
+            "graph_scale": float(self.graph_scale),
+            "graph_shift": float(self.graph_shift),
+            "reference_tag": int(self.reference_tag)}
 
   @classmethod
   def from_dict(cls, d: dict) -> "Normalizer":
     return cls(scale=jnp.float32(d["scale"]), shift=jnp.float32(d["shift"]),
                element_energies=jnp.asarray(d["element_energies"],
                                             jnp.float32),
-               graph_scale=jnp.float32(d.get("graph_scale", 1.0)))
+               graph_scale=jnp.float32(d.get("graph_scale", 1.0)),
+               graph_shift=jnp.float32(d.get("graph_shift", 0.0)),
+               reference_tag=int(d.get("reference_tag", -1)))
 
 
 def make_energy_fn(model, normalizer: Normalizer) -> Callable:
@@ -96,6 +125,9 @@ def make_energy_fn(model, normalizer: Normalizer) -> Callable:
     out = model.apply(params, graph, positions).astype(jnp.float32)
     mask = graph.nodes["mask"]
     refs = normalizer.element_energies[graph.nodes["atomic_numbers"]]
+    if normalizer.reference_tag >= 0:
+      refs = jnp.where(graph.nodes["tags"] == normalizer.reference_tag,
+                       refs, 0.0)
     # Sums stay in float32 whatever precision the model computes in.
     per_atom = normalizer.shift + refs
     if not per_graph:
@@ -106,8 +138,9 @@ def make_energy_fn(model, normalizer: Normalizer) -> Callable:
                                    num_segments=n_graph,
                                    indices_are_sorted=True)
     if per_graph:  # Structure-level models (e.g. a Set2Set readout).
-      energies = energies + jnp.where(graph.globals["mask"],
-                                      normalizer.graph_scale * out, 0.0)
+      energies = energies + jnp.where(
+          graph.globals["mask"],
+          normalizer.graph_shift + normalizer.graph_scale * out, 0.0)
     return energies
 
   return energy_fn

@@ -248,8 +248,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   for split in [train_split] + eval_splits:
     _check_targets(split, task, folder)
   stats = train_split.statistics
+  model = models.from_config(config.model)
   normalizer = Normalizer.from_statistics(
-      stats, "energy" if task == "s2ef" else "energy_relaxed")
+      stats, "energy" if task == "s2ef" else "energy_relaxed",
+      per_graph=getattr(model, "per_graph_output", False))
 
   # Budgets and input pipelines: one padded shape per split.
   shard = dict(shard_index=jax.process_index(),
@@ -272,8 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   logging.info("train budget %s, padding efficiency %s", train_budget,
                efficiency)
 
-  # Model, optimizer, steps.
-  model = models.from_config(config.model)
+  # Loss, optimizer, steps.
   loss_fn = _make_loss(config, model, normalizer)
   optimizer = train_state.make_optimizer(config)
   schedule = train_state.learning_rate_schedule(config)

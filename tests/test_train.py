@@ -188,25 +188,28 @@ def _metric(workdir, name):
 
 @pytest.mark.parametrize("task,model", [
     ("s2ef", "egnn"), ("s2ef", "megnet"), ("s2ef", "gala"),
-    ("is2re", "egnn"), ("is2re", "gala"),
-    pytest.param("is2re", "megnet", marks=pytest.mark.xfail(
-        strict=True, reason="MegNet's Set2Set readout does not yet beat the "
-        "element-reference fit on relaxed adsorption energies"))])
+    ("is2re", "egnn"), ("is2re", "megnet"), ("is2re", "gala")])
 def test_every_model_and_task_learns(devset, tmp_path, task, model):
   """A short run on the dev set lowers the training loss and validation error.
 
   The full dev set's validation split (469 S2EF frames, 30 IS2RE systems)
-  is evaluated before and after 60 steps of a small model.
+  is evaluated before and after a short run of a small model: 60 steps of 4
+  structures for S2EF, and 100 steps of 32 for IS2RE, whose one target per
+  structure gives a much noisier gradient per structure (with batches of 4
+  the models stay at the element-reference fit for hundreds of steps).
   """
   config = test_config.get_config(f"{task},{model}")
   config.data.path = str(devset / task)
-  config.train.num_steps = 60
-  config.train.eval_every = 60
+  steps = 60 if task == "s2ef" else 100
+  if task == "is2re":
+    config.data.batch_size = 32
+  config.train.num_steps = steps
+  config.train.eval_every = steps
   config.train.eval_at_start = True
   result = train.train_and_evaluate(config, str(tmp_path))
   losses = _train_losses(tmp_path)
   assert losses[-1][1] < 0.85 * losses[0][1], losses
   energy = _metric(tmp_path, "val/energy_mae")
-  assert sorted(energy) == [0, 60]
-  assert energy[60] < energy[0], energy
+  assert sorted(energy) == [0, steps]
+  assert energy[steps] < 0.95 * energy[0], energy
   assert result["recompiles_after_warmup"] == 0

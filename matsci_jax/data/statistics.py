@@ -5,6 +5,13 @@ padding budgets), energy mean/std (total and per atom), force RMS (all atoms
 and free atoms), and per-element reference energies fitted by least squares,
 E ~ sum_Z count_Z * ref_Z, from accumulated normal equations so that the fit
 needs no second pass over the data.
+
+When every structure carries OC20 tags, a second fit uses only the adsorbate
+atoms (tag 2) plus a constant, E ~ c + sum_Z adsorbate_count_Z * ref_Z.
+OC20 energies are adsorption energies, which do not grow with the slab: the
+all-atom fit then gives the slab elements small spurious references that
+scale with slab size, which a structure-level (intensive) readout cannot
+undo; the adsorbate fit has no such term.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import math
 from typing import Optional
 
 import numpy as np
+
+from matsci_jax.data.structure import TAG_UNKNOWN
 
 NUM_ELEMENTS = 119  # Index 0 unused; Z in 1..118.
 
@@ -40,8 +49,21 @@ class _Moments:
       default_factory=lambda: np.zeros(NUM_ELEMENTS))
   counts_sum: np.ndarray = dataclasses.field(
       default_factory=lambda: np.zeros(NUM_ELEMENTS))
+  # Adsorbate fit: column 0 (no element has Z = 0) is the constant.
+  n_tagged: int = 0
+  ads_ctc: np.ndarray = dataclasses.field(
+      default_factory=lambda: np.zeros((NUM_ELEMENTS, NUM_ELEMENTS)))
+  ads_cty: np.ndarray = dataclasses.field(
+      default_factory=lambda: np.zeros(NUM_ELEMENTS))
 
-  def add(self, value: float, composition: np.ndarray, n_atoms: int):
+  def add(self, value: float, composition: np.ndarray, n_atoms: int,
+          adsorbate_composition: Optional[np.ndarray] = None):
+    if adsorbate_composition is not None:
+      features = np.array(adsorbate_composition, np.float64)
+      features[0] = 1.0
+      self.n_tagged += 1
+      self.ads_ctc += np.outer(features, features)
+      self.ads_cty += features * value
     self.n += 1
     self.total += value
     self.total_sq += value * value
@@ -58,31 +80,52 @@ class _Moments:
     var = max(self.total_sq / self.n - mean * mean, 0.0)
     pa_mean = self.per_atom / self.n
     pa_var = max(self.per_atom_sq / self.n - pa_mean * pa_mean, 0.0)
-    present = np.nonzero(np.diag(self.ctc) > 0)[0]
-    a = self.ctc[np.ix_(present, present)]
-    b = self.cty[present]
-    # A tiny ridge keeps the fit defined when compositions are collinear
-    # (e.g. a single stoichiometry); lstsq then gives the minimum-norm answer.
-    ridge = 1e-9 * max(np.trace(a), 1.0)
-    refs_present, *_ = np.linalg.lstsq(a + ridge * np.eye(len(present)), b,
-                                       rcond=None)
-    refs = np.zeros(NUM_ELEMENTS)
-    refs[present] = refs_present
-    # Residual moments from the normal equations: r = y - C @ refs.
-    res_sum = self.total - refs @ self.counts_sum
-    res_sq = (self.total_sq - 2 * refs @ self.cty + refs @ self.ctc @ refs)
-    res_mean = res_sum / self.n
-    res_var = max(res_sq / self.n - res_mean ** 2, 0.0)
-    return {
+    refs, res_mean, res_std = self._fit(self.ctc, self.cty, self.counts_sum)
+    out = {
         "count": self.n,
         "mean": mean,
         "std": math.sqrt(var),
         "per_atom_mean": pa_mean,
         "per_atom_std": math.sqrt(pa_var),
-        "element_references": {int(z): float(refs[z]) for z in present},
+        "element_references": {int(z): float(refs[z])
+                               for z in np.nonzero(np.diag(self.ctc))[0]},
         "residual_mean": res_mean,
-        "residual_std": math.sqrt(res_var),
+        "residual_std": res_std,
     }
+    if self.n_tagged == self.n:
+      # The constant column is all ones, so row 0 of C^T C holds the column
+      # sums of C.
+      refs, res_mean, res_std = self._fit(self.ads_ctc, self.ads_cty,
+                                          self.ads_ctc[0])
+      out["adsorbate_fit"] = {
+          "constant": float(refs[0]),
+          "element_references": {
+              int(z): float(refs[z])
+              for z in np.nonzero(np.diag(self.ads_ctc))[0] if z},
+          "residual_mean": res_mean,
+          "residual_std": res_std,
+      }
+    return out
+
+  def _fit(self, ctc: np.ndarray, cty: np.ndarray, column_sums: np.ndarray):
+    """Least squares y ~ C @ w from C^T C, C^T y and the column sums of C.
+
+    Returns w and the mean and standard deviation of the residual y - C @ w.
+    """
+    present = np.nonzero(np.diag(ctc) > 0)[0]
+    a = ctc[np.ix_(present, present)]
+    # A tiny ridge keeps the fit defined when compositions are collinear
+    # (e.g. a single stoichiometry); lstsq then gives the minimum-norm answer.
+    ridge = 1e-9 * max(np.trace(a), 1.0)
+    w_present, *_ = np.linalg.lstsq(a + ridge * np.eye(len(present)),
+                                    cty[present], rcond=None)
+    w = np.zeros(NUM_ELEMENTS)
+    w[present] = w_present
+    # Residual moments from the normal equations: r = y - C @ w.
+    res_sum = self.total - w @ column_sums
+    res_sq = self.total_sq - 2 * w @ cty + w @ ctc @ w
+    res_mean = res_sum / self.n
+    return w, res_mean, math.sqrt(max(res_sq / self.n - res_mean ** 2, 0.0))
 
 
 class SplitStatistics:
@@ -109,10 +152,11 @@ class SplitStatistics:
       self.n_slots.append(summary["n_slots"])
     comp = summary["composition"]
     self.element_counts += comp
+    ads = summary.get("adsorbate_composition")
     if summary["energy"] is not None:
-      self.energy.add(summary["energy"], comp, n)
+      self.energy.add(summary["energy"], comp, n, ads)
     if summary["energy_relaxed"] is not None:
-      self.energy_relaxed.add(summary["energy_relaxed"], comp, n)
+      self.energy_relaxed.add(summary["energy_relaxed"], comp, n, ads)
     if summary["force_sq"] is not None:
       self.force_sq += summary["force_sq"]
       self.force_n += 3 * n
@@ -168,12 +212,17 @@ def summarize(example: dict) -> dict:
   free = ~example["fixed"]
   has_forces = bool(np.isfinite(forces).all())
   relaxed = example.get("energy_relaxed")
+  tags = example.get("tags")
+  tagged = tags is not None and bool(np.all(tags != TAG_UNKNOWN))
   return {
       "n_atoms": int(z.shape[0]),
       "n_edges": int(example["senders"].shape[0]),
       "n_slots": (int(example["pc_senders"].shape[0])
                   if "pc_senders" in example else None),
       "composition": np.bincount(z, minlength=NUM_ELEMENTS),
+      "adsorbate_composition": (np.bincount(z[tags == 2],
+                                            minlength=NUM_ELEMENTS)
+                                if tagged else None),
       "energy": energy if math.isfinite(energy) else None,
       "energy_relaxed": (float(relaxed) if relaxed is not None
                          and math.isfinite(float(relaxed)) else None),
