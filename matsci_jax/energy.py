@@ -74,8 +74,12 @@ class Normalizer:
         refs[int(z)] = value
       std = fit["residual_std"]
       std = float(std) if np.isfinite(std) and std > 0 else 1.0
+      # The loss unit stays the force RMS when there are forces.
+      scale = stats.get("force_rms") if target == "energy" else None
+      if not (scale and np.isfinite(scale) and scale > 0):
+        scale = std / np.sqrt(max(stats["mean_atoms"], 1.0))
       return cls(
-          scale=jnp.float32(std / np.sqrt(max(stats["mean_atoms"], 1.0))),
+          scale=jnp.float32(scale),
           shift=jnp.float32(0.0), element_energies=jnp.asarray(refs),
           graph_scale=jnp.float32(std),
           graph_shift=jnp.float32(fit["constant"] + fit["residual_mean"]),

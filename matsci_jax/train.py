@@ -252,6 +252,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   normalizer = Normalizer.from_statistics(
       stats, "energy" if task == "s2ef" else "energy_relaxed",
       per_graph=getattr(model, "per_graph_output", False))
+  if normalizer.reference_tag >= 0:
+    target = "energy" if task == "s2ef" else "energy_relaxed"
+    untagged = [s.name for s in eval_splits
+                if "adsorbate_fit" not in (s.statistics.get(target) or {})]
+    if untagged:
+      raise dataset_io.DatasetError(
+          f"{folder}: the train split is OC20-tagged, so this structure-level "
+          f"model adds reference energies for adsorbate atoms (tag 2) only, "
+          f"but split(s) {', '.join(untagged)} have structures without OC20 "
+          "tags (0, 1, 2), whose energies would lack those references; "
+          "convert all splits with tags")
 
   # Budgets and input pipelines: one padded shape per split.
   shard = dict(shard_index=jax.process_index(),

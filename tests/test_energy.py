@@ -52,13 +52,24 @@ def test_adsorbate_fit_is_used_by_structure_level_models_only(per_graph):
       "element_references": {"8": -0.1, "29": -0.01},
       "residual_mean": 0.0, "residual_std": 0.2,
       "adsorbate_fit": {"constant": -0.3, "element_references": {"8": -0.7},
-                        "residual_mean": 0.0, "residual_std": 0.1}}}
+                        "residual_mean": 0.05, "residual_std": 0.1}}}
   norm = Normalizer.from_statistics(stats, "energy_relaxed", per_graph)
   if per_graph:
     assert norm.reference_tag == 2
-    assert float(norm.graph_shift) == pytest.approx(-0.3)
+    assert float(norm.graph_shift) == pytest.approx(-0.25)
     assert float(norm.graph_scale) == pytest.approx(0.1)
     assert float(norm.element_energies[29]) == 0.0
   else:
     assert norm.reference_tag == -1
     assert float(norm.element_energies[29]) == pytest.approx(-0.01)
+
+
+def test_structure_level_loss_unit_stays_the_force_rms_with_forces():
+  fit = {"constant": 0.0, "element_references": {}, "residual_mean": 0.0,
+         "residual_std": 0.1}
+  stats = {"mean_atoms": 25.0, "force_rms": 1.3, "energy": {
+      "element_references": {}, "residual_mean": 0.0, "residual_std": 0.2,
+      "adsorbate_fit": fit}}
+  norm = Normalizer.from_statistics(stats, "energy", per_graph=True)
+  assert float(norm.scale) == pytest.approx(1.3)
+  assert float(norm.graph_scale) == pytest.approx(0.1)

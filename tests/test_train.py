@@ -213,3 +213,33 @@ def test_every_model_and_task_learns(devset, tmp_path, task, model):
   assert sorted(energy) == [0, steps]
   assert energy[steps] < 0.95 * energy[0], energy
   assert result["recompiles_after_warmup"] == 0
+
+
+def test_structure_level_model_needs_tags_in_every_split(tmp_path):
+  """Adsorbate-only references fitted on tagged train data need tagged val."""
+  import ase.io
+  from ase.build import add_adsorbate, fcc100
+  from ase.calculators.emt import EMT
+  from data_prep import convert
+  frames = {"train": [], "val": []}
+  for split, n in (("train", 4), ("val", 2)):
+    for k in range(n):
+      slab = fcc100("Cu", (2, 2, 3), vacuum=6.0)
+      add_adsorbate(slab, "O", 1.6 + 0.1 * k, "hollow")
+      slab.pbc = True
+      if split == "train":
+        slab.set_tags([1] * (len(slab) - 1) + [2])
+      else:
+        del slab.arrays["tags"]
+      slab.calc = EMT()
+      slab.get_forces()
+      frames[split].append(slab)
+    ase.io.write(tmp_path / f"{split}.extxyz", frames[split])
+  convert.convert([f"{s}={tmp_path / f'{s}.extxyz'}" for s in frames],
+                  tmp_path / "ds", task="s2ef", workers=1, progress=False)
+  config = test_config.get_config("megnet")
+  config.data.path = str(tmp_path / "ds")
+  config.model.readout = "set2set"
+  with pytest.raises(DatasetError, match=r"split\(s\) val have structures "
+                     "without OC20 tags"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -6,7 +6,7 @@ and free atoms), and per-element reference energies fitted by least squares,
 E ~ sum_Z count_Z * ref_Z, from accumulated normal equations so that the fit
 needs no second pass over the data.
 
-When every structure carries OC20 tags, a second fit uses only the adsorbate
+When every structure carries OC20 tags (all in 0, 1, 2), a second fit uses only the adsorbate
 atoms (tag 2) plus a constant, E ~ c + sum_Z adsorbate_count_Z * ref_Z.
 OC20 energies are adsorption energies, which do not grow with the slab: the
 all-atom fit then gives the slab elements small spurious references that
@@ -22,9 +22,8 @@ from typing import Optional
 
 import numpy as np
 
-from matsci_jax.data.structure import TAG_UNKNOWN
-
 NUM_ELEMENTS = 119  # Index 0 unused; Z in 1..118.
+OC20_TAGS = (0, 1, 2)
 
 
 def _hist(values: np.ndarray) -> dict:
@@ -213,7 +212,9 @@ def summarize(example: dict) -> dict:
   has_forces = bool(np.isfinite(forces).all())
   relaxed = example.get("energy_relaxed")
   tags = example.get("tags")
-  tagged = tags is not None and bool(np.all(tags != TAG_UNKNOWN))
+  # Only OC20 tags (0 subsurface, 1 surface, 2 adsorbate) name adsorbates;
+  # ase.build numbers slab layers 1..L, where 2 is just a layer.
+  tagged = tags is not None and bool(np.all(np.isin(tags, OC20_TAGS)))
   return {
       "n_atoms": int(z.shape[0]),
       "n_edges": int(example["senders"].shape[0]),

@@ -36,6 +36,7 @@ def test_adsorbate_fit_recovers_constant_and_references():
   for z, r in refs.items():
     assert fit["element_references"][z] == pytest.approx(r, abs=1e-6)
   assert fit["residual_std"] < 1e-6
+  assert abs(fit["residual_mean"]) < 1e-6
   # The all-atom fit needs a slab reference and cannot fit the constant.
   assert stats.summary()["energy"]["residual_std"] > 1e-3
 
@@ -47,4 +48,11 @@ def test_no_adsorbate_fit_unless_every_structure_is_tagged():
     stats.add(_summary(*_slab_with_adsorbate(rng, {8: -0.7}, 0.0)))
   z, _, energy = _slab_with_adsorbate(rng, {8: -0.7}, 0.0)
   stats.add(_summary(z, [TAG_UNKNOWN] * len(z), energy))
+  assert "adsorbate_fit" not in stats.summary()["energy"]
+
+
+def test_slab_layer_numbers_are_not_oc20_tags():
+  """ase.build numbers slab layers 1..L: tag 2 there is not an adsorbate."""
+  stats = statistics.SplitStatistics()
+  stats.add(_summary([29] * 6, [1, 1, 2, 2, 3, 3], -1.0))
   assert "adsorbate_fit" not in stats.summary()["energy"]
