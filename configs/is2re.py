@@ -23,7 +23,7 @@ def get_config(model: str = "egnn"):
   config.loss.force_weight = 0.0
   config.loss.energy_per_atom = False
   # One target per structure makes small batches noisy: with 8 structures
-  # every model sits at the element-reference fit for hundreds of steps.
+  # EGNN and MegNet sat at the element-reference fit for hundreds of steps.
   config.data.batch_size = 32
   config.optimizer.learning_rate = 2e-3
   config.optimizer.warmup_steps = 50
