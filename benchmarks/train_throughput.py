@@ -13,7 +13,8 @@ and an AdamW update.
 * megnet: the laptop config, on graph edges;
 * gala: the reference config (depth 2, hidden 64) on point clouds, every
   atom a centre with 16 neighbour slots (the reference implementation needed
-  12.7 s and 2.3 GB for one 83-atom energy and could not do forces).
+  12.7 s and 2.3 GB for one 83-atom energy and could not do forces), in
+  chunks of rows as configured and, as "gala_one_pass", all rows at once.
 Peak memory is XLA's compiled memory analysis of the step.
 
 Needs `../shared/data/matsciml_lips_devset`. Prints JSON (structures/s,
@@ -86,6 +87,8 @@ RUNS = {
                            cutoff=6.0, readout_hidden=64), "graph"),
     "megnet": (dict(models_config.model_config("megnet", "s2ef")), "graph"),
     "gala": (dict(models_config.model_config("gala", "s2ef")), "point_cloud"),
+    "gala_one_pass": (dict(models_config.model_config("gala", "s2ef"),
+                           pairs_per_chunk=0), "point_cloud"),
 }
 
 

@@ -20,6 +20,12 @@ from positions, cell and cell shifts inside the model (so forces are
 `-jax.grad` of the energy), and every attention weight carries the smooth
 cutoff envelope of both slots, normalised against a constant "sink" term,
 so a neighbour entering the cutoff fades in continuously.
+
+Pair tensors are [rows, K, K, width]. With `pairs_per_chunk`, each block
+runs over chunks of rows in a scan and recomputes a chunk's pairs in the
+backward pass instead of storing them: on CPUs the chunk stays in cache
+(about 2x faster steps on dev-set batches, and a few MB of pair
+activations instead of GBs), and on any device it bounds memory.
 """
 
 from __future__ import annotations
@@ -66,7 +72,11 @@ class _ScoreNet(nn.Module):
 
 
 class GalaBlock(nn.Module):
-  """One tied attention block over the slot pairs of each centre."""
+  """One tied attention block over the slot pairs of each centre.
+
+  The call signature is a scan body's, `(carry, rows) -> (carry, outputs)`,
+  so that `_chunked` can run it over chunks of rows; the carry is unused.
+  """
   hidden_dim: int
   dilation: float
   cutoff: float
@@ -74,11 +84,17 @@ class GalaBlock(nn.Module):
   max_score: float = 5.0
 
   @nn.compact
-  def __call__(self, r, h, weight):
-    """r [R, K, 3], h [R, K, D], weight [R, K] (envelope x mask)."""
+  def __call__(self, carry, r, h, weight):
+    """r [R, K, 3], h [R, K, D], weight [R, K] (envelope x mask).
+
+    Returns (carry, (out, r)): out [R, D] when reducing, else [R, K, D], and
+    the updated neighbour vectors [R, K, 3].
+    """
     scale = 1.0 / self.cutoff
     rj, rk = r[:, :, None, :], r[:, None, :, :]
-    dot = jnp.sum(rj * rk, -1) * scale * scale
+    # A contraction, not sum(rj * rk, -1): XLA:CPU (jax 0.10) fuses that
+    # broadcast-multiply-reduce wrongly for a single row of 40+ slots.
+    dot = jnp.einsum("rjc,rkc->rjk", r, r) * scale * scale
     wedge = jnp.cross(jnp.broadcast_to(rj, dot.shape + (3,)),
                       jnp.broadcast_to(rk, dot.shape + (3,)))
     wedge_norm = _smooth_norm(jnp.sum(wedge * wedge, -1)) * scale * scale
@@ -106,13 +122,40 @@ class GalaBlock(nn.Module):
     w = pair_weight * jnp.exp(logits - top)
     w = w / (jnp.exp(-top) + jnp.sum(w, axis=axes, keepdims=True))
     if self.reduce:
-      return jnp.einsum("rjk,rjkd->rd", w, values), r
+      return carry, (jnp.einsum("rjk,rjkd->rd", w, values), r)
     out = jnp.einsum("rjk,rjkd->rjd", w, values)
     coeffs = heads[..., 1:]
     update = (coeffs[..., 0:1] * rj + coeffs[..., 1:2] * rk
               + coeffs[..., 2:3] * wedge * scale)
     r = r + jnp.einsum("rjk,rjkc->rjc", w, update)
-    return out, r
+    return carry, (out, r)
+
+
+def _chunked(name: str, chunk_rows: int, r, h, weight, **fields):
+  """GalaBlock(**fields) on all rows, `chunk_rows` at a time (0: at once).
+
+  Rows are padded with empty slots (zero weight) to a whole number of
+  chunks. The scan shares the block's parameters, so the parameters and the
+  outputs do not depend on the chunk size. Call from a compact method.
+  """
+  rows = r.shape[0]
+  if not chunk_rows or chunk_rows >= rows:
+    return GalaBlock(name=name, **fields)(None, r, h, weight)[1]
+  n = -(-rows // chunk_rows)
+  pad = n * chunk_rows - rows
+
+  def split(x):
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((n, chunk_rows) + x.shape[1:])
+
+  # Recompute each chunk's pair tensors in the backward pass: storing them
+  # would bring back the memory the chunks save.
+  scan = nn.scan(nn.remat(GalaBlock, prevent_cse=False),
+                 variable_broadcast="params", split_rngs={"params": False},
+                 in_axes=0, out_axes=0, length=n)
+  _, outs = scan(name=name, **fields)(None, split(r), split(h), split(weight))
+  return jax.tree_util.tree_map(
+      lambda x: x.reshape((n * chunk_rows,) + x.shape[2:])[:rows], outs)
 
 
 @registry.register("gala")
@@ -130,6 +173,9 @@ class Gala(nn.Module):
       where two neighbours swap rank at the boundary.
     cutoff: envelope radius in Å (the point-cloud cutoff).
     num_species: one-hot size for atom types.
+    pairs_per_chunk: slot pairs per chunk of rows in each block (see the
+      module docstring); 0 processes all rows at once, which is fastest
+      where memory is plentiful (accelerators).
   """
   hidden_dim: int = 64
   depth: int = 2
@@ -138,6 +184,7 @@ class Gala(nn.Module):
   nearest_neighbors: int = 0
   cutoff: float = 6.0
   num_species: int = 119
+  pairs_per_chunk: int = 1024
 
   @nn.compact
   def __call__(self, graph: jraph.GraphsTuple,
@@ -173,15 +220,19 @@ class Gala(nn.Module):
     h = (nn.Dense(self.hidden_dim, name="embed_center")(onehot_c)[:, None]
          + nn.Dense(self.hidden_dim, use_bias=False,
                     name="embed_neighbor")(onehot_n))
+    chunk_rows = max(1, self.pairs_per_chunk // (used * used)) \
+        if self.pairs_per_chunk else 0
+    fields = dict(hidden_dim=self.hidden_dim, dilation=self.dilation,
+                  cutoff=self.cutoff)
     for i in range(self.depth):
-      out, r = GalaBlock(self.hidden_dim, self.dilation, self.cutoff,
-                         reduce=False, name=f"block_{i}")(r, h, weight)
+      out, r = _chunked(f"block_{i}", chunk_rows, r, h, weight,
+                        reduce=False, **fields)
       out = nn.Dense(self.hidden_dim, name=f"mlp_{i}_out")(jax.nn.silu(
           nn.Dense(int(self.hidden_dim * self.dilation),
                    name=f"mlp_{i}")(out)))
       h = nn.LayerNorm(name=f"norm_{i}")(h + out)
-    pooled, _ = GalaBlock(self.hidden_dim, self.dilation, self.cutoff,
-                          reduce=True, name="reduce")(r, h, weight)
+    pooled, _ = _chunked("reduce", chunk_rows, r, h, weight, reduce=True,
+                         **fields)
     energy = nn.Dense(1, use_bias=False, name="energy")(jax.nn.silu(
         nn.Dense(self.hidden_dim, name="final")(pooled)))[:, 0]
     # Padding rows belong to the padding node, which the node mask removes.

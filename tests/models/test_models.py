@@ -172,6 +172,50 @@ def test_gala_nearest_neighbors_equals_fewer_stored_slots():
     _model("gala", nearest_neighbors=K + 1).init(jax.random.PRNGKey(0), full)
 
 
+def test_gala_chunks_of_rows_change_nothing_but_memory():
+  """Chunked pair attention: same parameters, energies, forces, gradients."""
+  k = 8
+  graph = batch_examples([graph_from_atoms(a, CUTOFF, None,
+                                           representation="point_cloud",
+                                           num_neighbors=k)
+                          for a in _structures()])
+  rows = graph.senders.shape[0] // k
+  norm = Normalizer.identity()
+  results = {}
+  # All rows at once, and chunks of 5 rows, which do not divide them.
+  for pairs in (0, 5 * k * k):
+    model = _model("gala", num_neighbors=k, pairs_per_chunk=pairs)
+    params = model.init(jax.random.PRNGKey(0), graph)
+    energy_and_forces = jax.jit(make_energy_and_forces_fn(model, norm))
+
+    def force_loss(p):
+      e, f = energy_and_forces(p, graph)
+      return jnp.sum(e) + jnp.sum(f * f)
+
+    grads = jax.jit(jax.grad(force_loss))(params)
+    results[pairs] = (params, energy_and_forces(params, graph), grads)
+  assert rows % 5 and rows > 5
+  reference = results[0]
+  for pairs in results:
+    params, (e, f), grads = results[pairs]
+    assert (jax.tree_util.tree_structure(params)
+            == jax.tree_util.tree_structure(reference[0]))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, reference[0])
+    np.testing.assert_allclose(e, reference[1][0], rtol=1e-5)
+    np.testing.assert_allclose(f, reference[1][1], atol=1e-5)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+        grads, reference[2])
+  # One row per chunk with many slots: XLA:CPU once fused the pair dot
+  # products of a single row of 40+ slots wrongly.
+  graph = batch_examples([graph_from_atoms(a, CUTOFF, None, **POINT_CLOUD)
+                          for a in _structures()])
+  params = _model("gala").init(jax.random.PRNGKey(0), graph)
+  e_all, e_rows = (jax.jit(_model("gala", pairs_per_chunk=pairs).apply)(
+      params, graph) for pairs in (0, K * K))
+  np.testing.assert_allclose(e_rows, e_all, rtol=1e-5, atol=1e-6)
+
+
 def test_registry_from_config_rejects_unknown_fields():
   import ml_collections
   cfg = ml_collections.ConfigDict({"name": "egnn", "hidden_dim": 8,
