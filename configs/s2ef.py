@@ -76,5 +76,23 @@ def get_config(model: str = "egnn") -> ml_collections.ConfigDict:
   config.train.best_metric = "val/force_mae"
   config.train.eval_at_start = False  # Also evaluate the initial model.
   config.train.progress_bar = True
+  # Micro-batches per device and step (each of data.batch_size structures),
+  # summed into one update that equals a step on all of them.
+  config.train.grad_accum_steps = 1
+
+  # Devices: a ("data", "fsdp") mesh over all devices (-1: the rest). Every
+  # device trains on its own padded batch of data.batch_size structures, so
+  # a step sees devices x batch_size x grad_accum_steps structures. With
+  # fsdp > 1, parameters and optimizer state are split over that axis
+  # (ZeRO-3); batches are split over both axes.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.parallel = ml_collections.ConfigDict()
+  # "jit": one jitted step with declared shardings (any mesh); "pmap": the
+  # classic jax.pmap with replicated state (data parallel only).
+  config.parallel.strategy = "jit"
+  # Arrays smaller than this stay replicated under FSDP.
+  config.parallel.fsdp_min_size = 2 ** 14
 
   return config

@@ -9,9 +9,21 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
-def _masked_mean(values, mask):
+def _masked_mean(values, mask, count=None):
+  """Mean over the mask, or masked sum / `count` (counts over a whole step:
+  micro-batches and devices, so that their terms add up to the mean)."""
   mask = mask.astype(values.dtype)
-  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  total = jnp.sum(mask) if count is None else count
+  return jnp.sum(values * mask) / jnp.maximum(total, 1.0)
+
+
+def loss_counts(graph) -> dict:
+  """What the loss terms average over: real graphs, atoms and free atoms."""
+  nodes = graph.nodes["mask"]
+  return {"graphs": jnp.sum(graph.globals["mask"], dtype=jnp.float32),
+          "atoms": jnp.sum(nodes, dtype=jnp.float32),
+          "free_atoms": jnp.sum(nodes & ~graph.nodes["fixed"],
+                                dtype=jnp.float32)}
 
 
 def force_mask(graph, free_atoms_only: bool):
@@ -23,8 +35,11 @@ def force_mask(graph, free_atoms_only: bool):
 
 
 def energy_loss(pred, graph, scale, kind: str = "mae",
-                per_atom: bool = True):
-  """Energy term: MAE or MSE of (E_pred - E) / scale, per atom if asked."""
+                per_atom: bool = True, count=None):
+  """Energy term: MAE or MSE of (E_pred - E) / scale, per atom if asked.
+
+  `count`: the number of graphs to average over (default: this batch's).
+  """
   err = (pred - graph.globals["energy"]) / scale
   if per_atom:
     n_atoms = jnp.maximum(graph.n_node.astype(err.dtype), 1.0)
@@ -32,12 +47,13 @@ def energy_loss(pred, graph, scale, kind: str = "mae",
   values = jnp.abs(err) if kind == "mae" else err * err
   if kind not in ("mae", "mse"):
     raise ValueError(f"energy loss must be 'mae' or 'mse', got {kind!r}")
-  return _masked_mean(values, graph.globals["mask"])
+  return _masked_mean(values, graph.globals["mask"], count)
 
 
 def force_loss(pred, graph, scale, kind: str = "l2mae",
-               free_atoms_only: bool = True):
-  """Force term over counted atoms.
+               free_atoms_only: bool = True, count=None):
+  """Force term over counted atoms (`count`: their number, default this
+  batch's).
 
   kinds: "l2mae" (mean per-atom L2 norm of the error, OC20's choice), "mae"
   (mean absolute component error) and "mse" (mean squared component error).
@@ -55,4 +71,4 @@ def force_loss(pred, graph, scale, kind: str = "l2mae",
     values = jnp.mean(err * err, axis=-1)
   else:
     raise ValueError(f"force loss must be 'l2mae', 'mae' or 'mse', got {kind!r}")
-  return _masked_mean(values, mask)
+  return _masked_mean(values, mask, count)

@@ -28,7 +28,7 @@ import tqdm
 from absl import logging
 
 from matsci_jax import metrics as metrics_lib
-from matsci_jax import models, monitoring, train_state, train_step
+from matsci_jax import models, monitoring, parallel, train_state, train_step
 from matsci_jax.data import batching, dataset_io, pipeline
 from matsci_jax.energy import Normalizer
 
@@ -44,7 +44,9 @@ REQUIRED_FIELDS = {
                   "weight_decay", "b1", "b2", "clip_norm", "ema_decay"),
     "train": ("num_steps", "seed", "log_every", "eval_every",
               "checkpoint_every", "keep_checkpoints", "best_metric",
-              "progress_bar", "eval_at_start"),
+              "progress_bar", "eval_at_start", "grad_accum_steps"),
+    "mesh": ("data", "fsdp"),
+    "parallel": ("strategy", "fsdp_min_size"),
 }
 MODEL_FILE = "model.json"
 # Fault injection for resume tests: SIGKILL this process after that step.
@@ -74,6 +76,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       f"{config.data.task!r}")
   if config.train.num_steps < 1:
     raise ConfigError("config.train.num_steps must be at least 1")
+  if config.train.grad_accum_steps < 1:
+    raise ConfigError("config.train.grad_accum_steps must be at least 1")
+  if config.parallel.strategy not in ("jit", "pmap"):
+    raise ConfigError(f"config.parallel.strategy must be 'jit' or 'pmap', "
+                      f"got {config.parallel.strategy!r}")
+  if config.parallel.strategy == "pmap" and config.mesh.fsdp != 1:
+    raise ConfigError("config.parallel.strategy 'pmap' replicates the state "
+                      "on every device; FSDP (config.mesh.fsdp > 1) needs "
+                      "strategy 'jit'")
   split, _, metric = config.train.best_metric.partition("/")
   known = (("energy_mae", "ewt", "loss", "force_mae", "force_cos", "efwt")
            if config.data.task == "s2ef" else ("energy_mae", "ewt", "loss"))
@@ -141,6 +152,10 @@ class _TargetCheck:
 
   def __call__(self, batch):
     g = batch.globals
+    if g["mask"].ndim > 1:  # One batch per device (and micro-batch).
+      for i in range(g["mask"].shape[0]):
+        self(jax.tree_util.tree_map(lambda x, i=i: x[i], batch))
+      return batch
     for (key,) in self.keys:
       values = g[key] if key in g else batch.nodes[key]
       if key in g:
@@ -183,11 +198,11 @@ def _baselines(split: dataset_io.Split, train_stats: dict, task: str,
   return out
 
 
-def _evaluate(eval_step, params, loader) -> dict:
+def _evaluate(eval_step, params, loader, place) -> dict:
   total = None
   for batch in loader:
-    total = metrics_lib.accumulate(total, jax.device_get(eval_step(params,
-                                                                   batch)))
+    total = metrics_lib.accumulate(total, jax.device_get(
+        eval_step(params, place(batch))))
   out = metrics_lib.finalize(total)
   out["loss"] = float(total["loss"]) / max(float(total["graphs"]), 1.0)
   return out
@@ -264,6 +279,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           "tags (0, 1, 2), whose energies would lack those references; "
           "convert all splits with tags")
 
+  # Devices: one padded batch per local device (and micro-batch) per step.
+  strategy = config.parallel.strategy
+  accum = int(config.train.grad_accum_steps)
+  local_devices = jax.local_device_count()
+  mesh = parallel.mesh_from_config(config) if strategy == "jit" else None
+  per_step = local_devices * accum
+
   # Budgets and input pipelines: one padded shape per split.
   shard = dict(shard_index=jax.process_index(),
                shard_count=jax.process_count())
@@ -271,7 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   train_ds, train_plan = pipeline.batch_dataset(
       train_split, train_budget, shuffle=True, seed=config.data.seed,
       num_epochs=None, worker_count=config.data.num_workers,
-      prefetch=config.data.prefetch, **shard)
+      prefetch=config.data.prefetch, per_step=per_step, **shard)
   train_ds = train_ds.map(_TargetCheck(task, train_split.name))
   train_iter = iter(train_ds)
   eval_loaders = {}
@@ -279,31 +301,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     budget = _budget(config, split.sizes)
     ds, _ = pipeline.batch_dataset(split, budget, shuffle=False,
                                    num_epochs=1, prefetch=config.data.prefetch,
-                                   **shard)
+                                   per_step=local_devices, **shard)
     eval_loaders[split.name] = ds.map(_TargetCheck(task, split.name))
   efficiency = train_plan.efficiency(0)
-  logging.info("train budget %s, padding efficiency %s", train_budget,
-               efficiency)
+  logging.info("train budget %s per device, padding efficiency %s",
+               train_budget, efficiency)
 
   # Loss, optimizer, steps.
   loss_fn = _make_loss(config, model, normalizer)
   optimizer = train_state.make_optimizer(config)
   schedule = train_state.learning_rate_schedule(config)
-  step_fn = jax.jit(train_step.make_train_step(
-      loss_fn, optimizer, config.optimizer.ema_decay), donate_argnums=0)
-  eval_fn = jax.jit(train_step.make_eval_step(
+  eval_step = train_step.make_eval_step(
       loss_fn, config.loss.free_atoms_only,
-      "energy" if task == "s2ef" else "energy_relaxed"))
+      "energy" if task == "s2ef" else "energy_relaxed")
 
+  first_indices = train_plan[0] if per_step == 1 else train_plan[0][0]
   first = batching.collate(
-      [train_split.source[int(i)] for i in train_plan[0]], train_budget,
+      [train_split.source[int(i)] for i in first_indices], train_budget,
       template=train_split.source[0])
+
+  def create_state(rng):
+    init_rng, state_rng = jax.random.split(rng)
+    params = model.init(init_rng, first)
+    return train_state.TrainState.create(params, optimizer, state_rng)
+
   rng = jax.random.PRNGKey(config.train.seed)
-  init_rng, state_rng = jax.random.split(rng)
-  params = jax.jit(model.init)(init_rng, first)
-  state = train_state.TrainState.create(params, optimizer, state_rng)
+  if strategy == "jit":
+    shardings = parallel.state_shardings(
+        jax.eval_shape(create_state, rng), mesh,
+        fsdp=mesh.shape["fsdp"] > 1,
+        min_size=config.parallel.fsdp_min_size)
+    # Created in place: with FSDP no device ever holds all of it.
+    state = jax.jit(create_state, out_shardings=shardings)(rng)
+    step_fn = parallel.make_sharded_train_step(
+        loss_fn, optimizer, mesh, shardings, config.optimizer.ema_decay,
+        accum)
+    eval_fn = parallel.make_sharded_eval_step(eval_step, mesh,
+                                              shardings.ema_params)
+    place_batch = lambda b: parallel.to_global(b, mesh)  # noqa: E731
+    place_eval = place_batch
+  else:
+    state = parallel.replicate(jax.jit(create_state)(rng))
+    step_fn = parallel.make_pmap_train_step(
+        loss_fn, optimizer, config.optimizer.ema_decay, accum)
+    pmap_eval = parallel.make_pmap_eval_step(eval_step)
+    eval_fn = lambda p, b: parallel.unreplicate(pmap_eval(p, b))  # noqa: E731
+    place_batch = place_eval = lambda b: b  # noqa: E731
+  if per_step > 1 and accum > 1:
+    to_devices = place_batch
+    place_batch = lambda b: to_devices(  # noqa: E731
+        parallel.split_micro_batches(b, accum))
+  elif per_step == 1:
+    to_devices = place_batch
+    place_batch = lambda b: to_devices(  # noqa: E731
+        parallel.stack_batches([b]))
+  if local_devices == 1:
+    one = place_eval
+    place_eval = lambda b: one(parallel.stack_batches([b]))  # noqa: E731
+  host_state = ((lambda st: st) if strategy == "jit"
+                else parallel.unreplicate)
   num_params = sum(int(np.prod(x.shape)) for x in
-                   jax.tree_util.tree_leaves(params))
+                   jax.tree_util.tree_leaves(host_state(state).params))
 
   with open(os.path.join(workdir, MODEL_FILE), "w") as f:
     json.dump({"model": config.model.to_dict(), "task": task,
@@ -328,14 +386,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       item_names=("state",))
   start = ckpt.latest_step()
   if start is not None:
+    # Restoring into the current state's shardings reshards a checkpoint
+    # written on another mesh or device count.
     restored = ckpt.restore(start, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state),
+        state=ocp.args.StandardRestore(host_state(state)),
         data=ocp.args.JsonRestore()))
-    state = restored.state
+    state = (restored.state if strategy == "jit"
+             else parallel.replicate(restored.state))
     train_iter.set_state(restored.data)
     logging.info("resumed from step %d of %s", start, workdir)
     monitoring.drop_rows_after(workdir, start)  # Steps about to be redone.
-  start = int(state.step)
+  start = int(host_state(state).step)
 
   writer = monitoring.MetricWriter(workdir)
   baselines = {s.name: _baselines(s, stats, task, config.loss.free_atoms_only)
@@ -344,18 +405,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   def evaluate(step):
     results = {}
     for name, loader in eval_loaders.items():
-      m = _evaluate(eval_fn, state.ema_params, loader)
+      m = _evaluate(eval_fn, state.ema_params, loader, place_eval)
       results.update({f"{name}/{k}": v for k, v in m.items()})
     writer.write(step, results)
     return results
 
   def save(step, eval_results=None):
+    saved = host_state(state)
     ckpt.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.StandardSave(saved),
         data=ocp.args.JsonSave(train_iter.get_state())))
     if eval_results and best_metric in eval_results:
       best.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state)), metrics=eval_results)
+          state=ocp.args.StandardSave(saved)), metrics=eval_results)
 
   pending: list[tuple[int, dict, int, int]] = []
   window_start = time.perf_counter()
@@ -371,6 +433,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if not pending:
       return
     fetched = jax.device_get([p[1] for p in pending])
+    if strategy == "pmap":  # The same metrics on every device.
+      fetched = [jax.tree_util.tree_map(lambda x: x[0], m) for m in fetched]
     for (s, _, _, _), m in zip(pending, fetched):
       if not bool(m["finite"]):
         raise NonFiniteLossError(
@@ -395,7 +459,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           "perf/atoms_per_s": atoms / elapsed,
           "perf/step_time_s": elapsed / len(timed),
           "perf/padding_efficiency_nodes": atoms / (
-              len(timed) * train_budget.n_node),
+              len(timed) * per_step * train_budget.n_node),
       })
     writer.write(step, scalars)
     bar.set_postfix(loss=f"{scalars['train/loss']:.4g}",
@@ -411,7 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       batch = next(train_iter)
       n_graphs = int(batch.globals["mask"].sum())
       n_atoms = int(batch.nodes["mask"].sum())
-      state, step_metrics = step_fn(state, batch)
+      state, step_metrics = step_fn(state, place_batch(batch))
       done = step + 1
       bar.update(1)
       last = done == config.train.num_steps
@@ -440,12 +504,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     ckpt.wait_until_finished()
     best.wait_until_finished()
 
-  if not eval_results or int(state.step) != config.train.num_steps:
-    eval_results = evaluate(int(state.step))
+  final_step = int(host_state(state).step)
+  if not eval_results or final_step != config.train.num_steps:
+    eval_results = evaluate(final_step)
   compiles = monitoring.compile_count()
   result = {
-      "step": int(state.step),
+      "step": final_step,
       "num_params": num_params,
+      "devices": {"strategy": strategy, "count": jax.device_count(),
+                  "mesh": dict(mesh.shape) if mesh is not None else None,
+                  "grad_accum_steps": accum},
       "metrics": eval_results,
       "baselines": baselines,
       "train_budget": dataclasses.asdict(train_budget),

@@ -21,6 +21,7 @@ from typing import Optional
 
 from absl import flags
 import grain
+import jax
 import numpy as np
 
 from matsci_jax.data import batching
@@ -38,20 +39,26 @@ class BatchPlan:
     seed: shuffling seed.
     num_epochs: epochs to cover; None repeats forever.
     shard_index, shard_count: this process's share in multi-process runs.
-      Each process takes every `shard_count`-th batch; shards are evened out
-      with empty (all-padding) batches, so no structure is dropped and every
-      process runs the same number of steps.
+    per_step: batches a process takes per step (one per local device and
+      micro-batch); items of the plan are then tuples of that many batches.
+      Each step takes `shard_count * per_step` consecutive batches, process
+      `shard_index` the `per_step` at offset `shard_index * per_step`.
+      Epochs are evened out with empty (all-padding) batches, so no
+      structure is dropped and every process runs the same number of steps.
   """
 
   def __init__(self, sizes: np.ndarray, budget: Budget, *, shuffle: bool,
                seed: int = 0, num_epochs: Optional[int] = 1,
-               shard_index: int = 0, shard_count: int = 1):
+               shard_index: int = 0, shard_count: int = 1, per_step: int = 1):
     self.sizes = np.asarray(sizes)
     self.budget = budget
     self.shuffle = shuffle
     self.seed = seed
     self.num_epochs = num_epochs
     self.shard_index, self.shard_count = shard_index, shard_count
+    self.per_step = per_step
+    if per_step < 1:
+      raise ValueError(f"per_step must be at least 1, got {per_step}")
     if not 0 <= shard_index < shard_count:
       raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
     big = np.argmax(self.sizes[:, 0] + self.sizes[:, 1])
@@ -70,8 +77,8 @@ class BatchPlan:
     self.__dict__.update(state)
     self._lock = threading.RLock()
 
-  def epoch(self, e: int) -> list[np.ndarray]:
-    """This shard's batches of epoch `e`."""
+  def epoch(self, e: int) -> list:
+    """This shard's batches (tuples of `per_step` batches) of epoch `e`."""
     with self._lock:
       if e not in self._cache:
         if len(self._cache) >= 2:  # Keep the current and the next epoch.
@@ -84,10 +91,15 @@ class BatchPlan:
     order = (np.random.default_rng([self.seed, e]).permutation(n)
              if self.shuffle else np.arange(n))
     batches = batching.pack(order, self.sizes, self.budget)
-    per_shard = -(-len(batches) // self.shard_count)
+    group = self.shard_count * self.per_step
+    steps = -(-len(batches) // group)
     empty = np.zeros(0, np.int64)
-    batches += [empty] * (per_shard * self.shard_count - len(batches))
-    return batches[self.shard_index::self.shard_count]
+    batches += [empty] * (steps * group - len(batches))
+    first = self.shard_index * self.per_step
+    mine = [batches[s * group + first:s * group + first + self.per_step]
+            for s in range(steps)]
+    return [b[0] for b in mine] if self.per_step == 1 else [tuple(b)
+                                                            for b in mine]
 
   def batches_per_epoch(self, e: int = 0) -> int:
     return len(self.epoch(e))
@@ -120,8 +132,10 @@ class BatchPlan:
 
   def efficiency(self, e: int = 0) -> dict[str, float]:
     """Padding efficiency of epoch `e` (empty shard-filling batches count)."""
-    return batching.padding_efficiency(self.epoch(e), self.sizes,
-                                       self.budget)
+    batches = self.epoch(e)
+    if self.per_step > 1:
+      batches = [b for step in batches for b in step]
+    return batching.padding_efficiency(batches, self.sizes, self.budget)
 
 
 @dataclasses.dataclass
@@ -139,23 +153,35 @@ class _LoadBatch:
                          f"({type(e).__name__}: {e}); convert the dataset "
                          "again") from e
 
-  def __call__(self, indices: np.ndarray):
+  def _collate(self, indices: np.ndarray):
     examples = [self._read(int(i)) for i in indices]
     template = None if examples else self._read(0)
     return batching.collate(examples, self.budget, template)
+
+  def __call__(self, item):
+    if isinstance(item, tuple):  # One batch per device (and micro-batch).
+      return stack([self._collate(indices) for indices in item])
+    return self._collate(item)
+
+
+def stack(batches):
+  """Stacks equal-shape padded batches along a new leading axis."""
+  return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)
 
 
 def batch_dataset(split: Split, budget: Budget, *, shuffle: bool,
                   seed: int = 0, num_epochs: Optional[int] = 1,
                   shard_index: int = 0, shard_count: int = 1,
-                  worker_count: int = 0, prefetch: int = 2
+                  per_step: int = 1, worker_count: int = 0, prefetch: int = 2
                   ) -> tuple[grain.IterDataset, BatchPlan]:
   """Builds the grain dataset of padded batches for a split.
 
   Args:
     split: an opened split (`Dataset.split`).
     budget: its padding budget.
-    shuffle, seed, num_epochs, shard_index, shard_count: see `BatchPlan`.
+    shuffle, seed, num_epochs, shard_index, shard_count, per_step: see
+      `BatchPlan`; with `per_step` > 1 each element stacks that many
+      batches along a leading axis.
     worker_count: worker processes (0 loads in the calling process).
     prefetch: batches buffered per worker (or threads when no workers).
 
@@ -165,7 +191,7 @@ def batch_dataset(split: Split, budget: Budget, *, shuffle: bool,
   """
   plan = BatchPlan(split.sizes, budget, shuffle=shuffle, seed=seed,
                    num_epochs=num_epochs, shard_index=shard_index,
-                   shard_count=shard_count)
+                   shard_count=shard_count, per_step=per_step)
   ds = grain.MapDataset.source(plan).map(
       _LoadBatch(split.source, budget, f"split {split.name!r}"))
   it = ds.to_iter_dataset(grain.ReadOptions(

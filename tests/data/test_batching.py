@@ -161,6 +161,31 @@ def test_batch_plan_is_thread_safe():
     assert all(np.array_equal(got[i], expected[i]) for i in range(len(expected)))
 
 
+def test_plan_gives_each_process_its_devices_batches():
+  """Steps of 2 processes x 3 batches cover every structure once per epoch;
+  one batch per step and process is the plain every-P-th sharding."""
+  sizes = _random_sizes(4, n=300)
+  budget = batching.compute_budget(sizes, 4)
+  whole = pipeline.BatchPlan(sizes, budget, shuffle=True, seed=1)
+  plans = [pipeline.BatchPlan(sizes, budget, shuffle=True, seed=1,
+                              shard_index=p, shard_count=2, per_step=3)
+           for p in range(2)]
+  assert len(plans[0]) == len(plans[1]) == -(-len(whole) // 6)
+  seen = [int(i) for plan in plans for step in plan.epoch(0)
+          for batch in step for i in batch]
+  assert sorted(seen) == list(range(len(sizes)))
+  # Step s takes batches 6s..6s+5 of the whole sequence: process 0 the
+  # first three, process 1 the next three.
+  for s in range(len(plans[0]) - 1):
+    for p in range(2):
+      for j in range(3):
+        assert np.array_equal(plans[p][s][j], whole[6 * s + 3 * p + j])
+  single = pipeline.BatchPlan(sizes, budget, shuffle=True, seed=1,
+                              shard_index=1, shard_count=2)
+  assert all(np.array_equal(single[s], whole[2 * s + 1])
+             for s in range(len(whole) // 2))
+
+
 def test_damaged_record_names_split_and_example(toy, tmp_path):
   import shutil
   folder = tmp_path / "copy"

@@ -1,0 +1,92 @@
+"""Meshes and multi-device steps (8 fake CPU devices, in a subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from matsci_jax import parallel
+from tests.conftest import REPO
+
+
+def _run_checks(name: str, devices: int = 8) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  out = subprocess.run([sys.executable, "-m", "tests.multi_device_checks",
+                        name], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-4000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def step_results():
+  return _run_checks("step")
+
+
+@pytest.mark.parametrize("strategy", ["data_parallel", "fsdp", "pmap",
+                                      "accumulate_4x2", "accumulate_1x4"])
+def test_step_equals_the_single_device_step(step_results, strategy):
+  """Same loss, gradient, parameters, momentum (= gradient) and EMA."""
+  r = step_results[strategy]
+  ref_loss = step_results["reference_loss"]
+  grad_scale = max(step_results["reference_grad_max"], 1.0)
+  assert ref_loss > 1.0 and step_results["reference_update"] > 1e-4
+  assert r["loss"] < 1e-6 * ref_loss, r
+  assert r["force_loss"] < 1e-6 * ref_loss, r
+  assert r["grad_norm"] < 1e-5 * step_results["reference_grad_norm"], r
+  # A gradient summed twice, or not at all, would be off by a factor of
+  # the device count: at the scale of the gradient itself.
+  assert r["opt_state"] < 1e-5 * grad_scale, r
+  assert r["params"] < 1e-3 * step_results["reference_update"], r
+  assert r["ema"] < 1e-3 * step_results["reference_update"], r
+
+
+def test_fsdp_splits_the_parameters(step_results):
+  r = step_results["fsdp"]
+  assert r["sharded_arrays"] >= 4
+  # Four-way splits of most of the parameters.
+  assert r["param_elements_per_device"] < 0.5 * r["param_elements"]
+
+
+def test_checkpoint_from_a_2x4_fsdp_mesh_restores_anywhere():
+  r = _run_checks("checkpoint")
+  assert r["saved_split"] > 0
+  for target in ("mesh_8x1", "one_device"):
+    assert r[target]["max_diff"] == 0.0, r
+    assert r[target]["shardings_match"], r
+
+
+def test_training_job_on_eight_devices():
+  """Data parallel, FSDP and pmap runs of the job agree, compile once."""
+  r = _run_checks("train")
+  reference = r["data_parallel"]
+  for name in ("data_parallel", "fsdp", "pmap"):
+    assert r[name]["recompiles"] == 0, r
+    assert r[name]["devices"]["count"] == 8, r
+    for metric in ("val_energy_mae", "val_force_mae"):
+      assert abs(r[name][metric] - reference[metric]) < 1e-4 * max(
+          reference[metric], 1e-3), (name, metric, r)
+  assert r["fsdp"]["devices"]["mesh"] == {"data": 2, "fsdp": 4}
+
+
+def test_mesh_sizes_are_inferred_and_checked():
+  n = len(jax.devices())
+  mesh = parallel.make_mesh(-1, 1)
+  assert dict(mesh.shape) == {"data": n, "fsdp": 1}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  with pytest.raises(ValueError, match="devices"):
+    parallel.make_mesh(n + 1, 1)
+  with pytest.raises(ValueError, match="at most one"):
+    parallel.make_mesh(-1, -1)
+
+
+def test_fsdp_splits_large_arrays_along_a_divisible_dimension():
+  assert parallel.fsdp_dim((64, 128), 4, 1024) == 1
+  assert parallel.fsdp_dim((128, 6), 4, 512) == 0
+  assert parallel.fsdp_dim((7, 9), 4, 1) is None  # nothing divisible
+  assert parallel.fsdp_dim((64,), 4, 1024) is None  # too small to split
+  assert parallel.fsdp_dim((64, 128), 1, 1) is None  # no fsdp axis
