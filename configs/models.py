@@ -49,6 +49,9 @@ def model_config(name: str, task: str) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown model config {name!r}; choose one of "
                      f"{', '.join(names())}")
   fields = dict(_MODELS[name])
+  # Rematerialise interaction layers: "", "full", "dots", "dots_no_batch"
+  # (see matsci_jax/models/remat.py).
+  fields["remat"] = ""
   if fields["name"] == "megnet":
     # Structure-level targets use Set2Set; energies with forces must be
     # extensive sums of per-atom terms.

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import jraph
 
-from matsci_jax.models import geometry, registry
+from matsci_jax.models import geometry, registry, remat
 
 
 class EGNNLayer(nn.Module):
@@ -77,6 +77,7 @@ class EGNN(nn.Module):
     coordinate_update: update positions equivariantly between layers.
     readout_hidden: width of the per-atom output MLP.
     num_species: size of the atom-type embedding table (Z < num_species).
+    remat: rematerialise each layer with this policy (see `models.remat`).
   """
   hidden_dim: int = 128
   num_layers: int = 3
@@ -87,6 +88,7 @@ class EGNN(nn.Module):
   coordinate_update: bool = False
   readout_hidden: int = 64
   num_species: int = 119
+  remat: str = ""
 
   @nn.compact
   def __call__(self, graph: jraph.GraphsTuple,
@@ -117,10 +119,11 @@ class EGNN(nn.Module):
       return vectors, features, envelope
 
     terms = edge_terms(x)
+    layer = remat.wrap(EGNNLayer, self.remat)
     for i in range(self.num_layers):
       if self.coordinate_update and i > 0:
         terms = edge_terms(x)
-      h, x = EGNNLayer(self.hidden_dim, self.activation,
+      h, x = layer(self.hidden_dim, self.activation,
                        self.avg_num_neighbors, self.coordinate_update,
                        name=f"layer_{i}")(h, x, *terms, graph)
     out = nn.Dense(1, name="readout_out")(

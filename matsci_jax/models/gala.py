@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import jraph
 
-from matsci_jax.models import geometry, registry
+from matsci_jax.models import geometry, registry, remat
 
 
 def _smooth_norm(x2: jax.Array, eps: float = 1e-4) -> jax.Array:
@@ -131,16 +131,20 @@ class GalaBlock(nn.Module):
     return carry, (out, r)
 
 
-def _chunked(name: str, chunk_rows: int, r, h, weight, **fields):
+def _chunked(name: str, chunk_rows: int, policy: str, r, h, weight,
+             **fields):
   """GalaBlock(**fields) on all rows, `chunk_rows` at a time (0: at once).
 
   Rows are padded with empty slots (zero weight) to a whole number of
   chunks. The scan shares the block's parameters, so the parameters and the
-  outputs do not depend on the chunk size. Call from a compact method.
+  outputs do not depend on the chunk size. All rows at once, the block is
+  rematerialised with `policy` (see `models.remat`); chunks always are.
+  Call from a compact method.
   """
   rows = r.shape[0]
   if not chunk_rows or chunk_rows >= rows:
-    return GalaBlock(name=name, **fields)(None, r, h, weight)[1]
+    block = remat.wrap(GalaBlock, policy)
+    return block(name=name, **fields)(None, r, h, weight)[1]
   n = -(-rows // chunk_rows)
   pad = n * chunk_rows - rows
 
@@ -176,6 +180,8 @@ class Gala(nn.Module):
     pairs_per_chunk: slot pairs per chunk of rows in each block (see the
       module docstring); 0 processes all rows at once, which is fastest
       where memory is plentiful (accelerators).
+    remat: with all rows at once, rematerialise each block with this
+      policy (see `models.remat`).
   """
   hidden_dim: int = 64
   depth: int = 2
@@ -185,6 +191,7 @@ class Gala(nn.Module):
   cutoff: float = 6.0
   num_species: int = 119
   pairs_per_chunk: int = 1024
+  remat: str = ""
 
   @nn.compact
   def __call__(self, graph: jraph.GraphsTuple,
@@ -225,14 +232,14 @@ class Gala(nn.Module):
     fields = dict(hidden_dim=self.hidden_dim, dilation=self.dilation,
                   cutoff=self.cutoff)
     for i in range(self.depth):
-      out, r = _chunked(f"block_{i}", chunk_rows, r, h, weight,
+      out, r = _chunked(f"block_{i}", chunk_rows, self.remat, r, h, weight,
                         reduce=False, **fields)
       out = nn.Dense(self.hidden_dim, name=f"mlp_{i}_out")(jax.nn.silu(
           nn.Dense(int(self.hidden_dim * self.dilation),
                    name=f"mlp_{i}")(out)))
       h = nn.LayerNorm(name=f"norm_{i}")(h + out)
-    pooled, _ = _chunked("reduce", chunk_rows, r, h, weight, reduce=True,
-                         **fields)
+    pooled, _ = _chunked("reduce", chunk_rows, self.remat, r, h, weight,
+                         reduce=True, **fields)
     energy = nn.Dense(1, use_bias=False, name="energy")(jax.nn.silu(
         nn.Dense(self.hidden_dim, name="final")(pooled)))[:, 0]
     # Padding rows belong to the padding node, which the node mask removes.

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import jraph
 import numpy as np
 
-from matsci_jax.models import geometry, registry
+from matsci_jax.models import geometry, registry, remat
 
 
 def _activation(name: str):
@@ -150,6 +150,7 @@ class MegNet(nn.Module):
     set2set_steps: Set2Set iterations.
     activation: "shifted_softplus" (as in MEGNet) or a `jax.nn` name.
     num_species: size of the embedding table.
+    remat: rematerialise each block with this policy (see `models.remat`).
   """
   embed_dim: int = 16
   pre: Sequence[int] = (64, 32)
@@ -163,6 +164,7 @@ class MegNet(nn.Module):
   set2set_steps: int = 3
   activation: str = "shifted_softplus"
   num_species: int = 119
+  remat: str = ""
 
   @property
   def per_graph_output(self) -> bool:
@@ -191,9 +193,10 @@ class MegNet(nn.Module):
     u = jnp.broadcast_to(
         self.param("state0", nn.initializers.zeros, (self.embed_dim,)),
         (n_graph, self.embed_dim))
+    block = remat.wrap(MegNetBlock, self.remat)
     for i in range(self.num_blocks):
-      e, v, u = MegNetBlock(self.pre, self.block_mlp, self.activation,
-                            name=f"block_{i}")(e, v, u, envelope, graph)
+      e, v, u = block(self.pre, self.block_mlp, self.activation,
+                      name=f"block_{i}")(e, v, u, envelope, graph)
     head = MLP(tuple(self.readout_mlp) + (1,), self.activation,
                activate_last=False, name="readout")
     if self.readout == "per_atom":

@@ -1,0 +1,31 @@
+"""Rematerialisation (activation checkpointing) of interaction layers.
+
+`config.model.remat` names what a layer keeps for the backward pass; the
+rest is recomputed there, trading compute for activation memory:
+* "" (default): keep everything (no rematerialisation);
+* "full": keep only the layer's inputs;
+* "dots": keep the results of matrix multiplications;
+* "dots_no_batch": keep those without batch dimensions.
+Gradients are the same as without it, up to floating-point reordering.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def wrap(layer: type[nn.Module], policy: str) -> type[nn.Module]:
+  """`layer`, rematerialised with `policy` ("" returns it unchanged)."""
+  if not policy:
+    return layer
+  if policy not in POLICIES:
+    raise ValueError(f"remat must be '' or one of {sorted(POLICIES)}, got "
+                     f"{policy!r}")
+  return nn.remat(layer, policy=POLICIES[policy])
