@@ -94,5 +94,8 @@ def get_config(model: str = "egnn") -> ml_collections.ConfigDict:
   config.parallel.strategy = "jit"
   # Arrays smaller than this stay replicated under FSDP.
   config.parallel.fsdp_min_size = 2 ** 14
+  # "bf16": dense layers compute in bfloat16 (GPUs, TPUs); parameters,
+  # positions, energy sums, forces and the optimizer stay float32.
+  config.precision = "float32"
 
   return config

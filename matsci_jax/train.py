@@ -78,6 +78,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.train.num_steps must be at least 1")
   if config.train.grad_accum_steps < 1:
     raise ConfigError("config.train.grad_accum_steps must be at least 1")
+  if config.get("precision", "float32") not in ("float32", "bf16"):
+    raise ConfigError(f"config.precision must be 'float32' or 'bf16', got "
+                      f"{config.precision!r}")
   if config.parallel.strategy not in ("jit", "pmap"):
     raise ConfigError(f"config.parallel.strategy must be 'jit' or 'pmap', "
                       f"got {config.parallel.strategy!r}")
@@ -264,6 +267,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     _check_targets(split, task, folder)
   stats = train_split.statistics
   model = models.from_config(config.model)
+  if config.get("precision", "float32") == "bf16":
+    model = model.clone(dtype=jnp.bfloat16)
   normalizer = Normalizer.from_statistics(
       stats, "energy" if task == "s2ef" else "energy_relaxed",
       per_graph=getattr(model, "per_graph_output", False))

@@ -20,6 +20,9 @@ are updated equivariantly between layers, x_i <- x_i - sum_j vec_ij phi(m_ij).
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import e3nn_jax as e3nn
 import flax.linen as nn
 import jax
@@ -35,6 +38,7 @@ class EGNNLayer(nn.Module):
   activation: str
   avg_num_neighbors: float
   coordinate_update: bool
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h, x, vectors, edge_features, envelope, graph):
@@ -42,24 +46,27 @@ class EGNNLayer(nn.Module):
     d = self.hidden_dim
     n_node = h.shape[0]
     # Per-node halves of the first message layer, gathered to edges.
-    h_receiver = nn.Dense(d, name="message_receiver")(h)
-    h_sender = nn.Dense(d, use_bias=False, name="message_sender")(h)
-    h_edge = nn.Dense(d, use_bias=False, name="message_edge")(edge_features)
+    dense = functools.partial(nn.Dense, dtype=self.dtype)
+    h_receiver = dense(d, name="message_receiver")(h)
+    h_sender = dense(d, use_bias=False, name="message_sender")(h)
+    h_edge = dense(d, use_bias=False, name="message_edge")(edge_features)
     m = act(h_receiver[graph.receivers] + h_sender[graph.senders] + h_edge)
-    m = act(nn.Dense(d, name="message_out")(m)) * envelope[:, None]
+    # Float32 from here: the envelope is float32, and so are the sums.
+    m = act(dense(d, name="message_out")(m)) * envelope[:, None]
     # Receivers are sorted (centre-major edges, batched in order).
     agg = jax.ops.segment_sum(m, graph.receivers, num_segments=n_node,
                               indices_are_sorted=True)
     agg = agg / self.avg_num_neighbors
     if self.coordinate_update:
-      w = nn.Dense(1, name="coord_out")(act(nn.Dense(d, name="coord")(m)))
+      w = dense(1, name="coord_out")(act(dense(d, name="coord")(m)))
+      w = w.astype(jnp.float32)
       w = w * envelope[:, None]  # Biases must not act beyond the cutoff.
       dx = jax.ops.segment_sum(vectors * w, graph.receivers,
                                num_segments=n_node, indices_are_sorted=True)
       x = x - dx / self.avg_num_neighbors * graph.nodes["mask"][:, None]
-    u = act(nn.Dense(d, name="update_self")(h)
-            + nn.Dense(d, use_bias=False, name="update_message")(agg))
-    return h + nn.Dense(d, name="update_out")(u), x
+    u = act(dense(d, name="update_self")(h)
+            + dense(d, use_bias=False, name="update_message")(agg))
+    return h + dense(d, name="update_out")(u).astype(h.dtype), x
 
 
 @registry.register("egnn")
@@ -78,6 +85,8 @@ class EGNN(nn.Module):
     readout_hidden: width of the per-atom output MLP.
     num_species: size of the atom-type embedding table (Z < num_species).
     remat: rematerialise each layer with this policy (see `models.remat`).
+    dtype: computation dtype of the dense layers (jnp.bfloat16 for mixed
+      precision); parameters, positions, sums and outputs stay float32.
   """
   hidden_dim: int = 128
   num_layers: int = 3
@@ -89,6 +98,7 @@ class EGNN(nn.Module):
   readout_hidden: int = 64
   num_species: int = 119
   remat: str = ""
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, graph: jraph.GraphsTuple,
@@ -124,8 +134,9 @@ class EGNN(nn.Module):
       if self.coordinate_update and i > 0:
         terms = edge_terms(x)
       h, x = layer(self.hidden_dim, self.activation,
-                       self.avg_num_neighbors, self.coordinate_update,
-                       name=f"layer_{i}")(h, x, *terms, graph)
-    out = nn.Dense(1, name="readout_out")(
-        act(nn.Dense(self.readout_hidden, name="readout")(h)))[:, 0]
-    return out * graph.nodes["mask"]
+                   self.avg_num_neighbors, self.coordinate_update,
+                   dtype=self.dtype, name=f"layer_{i}")(h, x, *terms, graph)
+    dense = functools.partial(nn.Dense, dtype=self.dtype)
+    out = dense(1, name="readout_out")(
+        act(dense(self.readout_hidden, name="readout")(h)))[:, 0]
+    return out.astype(jnp.float32) * graph.nodes["mask"]

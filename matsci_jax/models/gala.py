@@ -30,6 +30,9 @@ activations instead of GBs), and on any device it bounds memory.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import e3nn_jax as e3nn
 import flax.linen as nn
 import jax
@@ -48,27 +51,31 @@ class _ValueNet(nn.Module):
   """Pair values from invariants and the two slots' features."""
   hidden_dim: int
   dilation: float
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, invariants, h):
     big = int(self.hidden_dim * self.dilation)
     # Concat merge/join as a sum of per-part products: the same function as
     # one Dense layer on the concatenation, without the [K, K, 2D] tensor.
-    x = (nn.Dense(big, name="invariants")(invariants)
-         + nn.Dense(big, use_bias=False, name="left")(h)[..., :, None, :]
-         + nn.Dense(big, use_bias=False, name="right")(h)[..., None, :, :])
-    return nn.Dense(self.hidden_dim, name="out")(jax.nn.silu(x))
+    dense = functools.partial(nn.Dense, dtype=self.dtype)
+    x = (dense(big, name="invariants")(invariants)
+         + dense(big, use_bias=False, name="left")(h)[..., :, None, :]
+         + dense(big, use_bias=False, name="right")(h)[..., None, :, :])
+    return dense(self.hidden_dim, name="out")(jax.nn.silu(x))
 
 
 class _ScoreNet(nn.Module):
   hidden_dim: int
   dilation: float
   outputs: int = 1
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, values):
     big = int(self.hidden_dim * self.dilation)
-    return nn.Dense(self.outputs)(jax.nn.silu(nn.Dense(big)(values)))
+    dense = functools.partial(nn.Dense, dtype=self.dtype)
+    return dense(self.outputs)(jax.nn.silu(dense(big)(values)))
 
 
 class GalaBlock(nn.Module):
@@ -82,6 +89,7 @@ class GalaBlock(nn.Module):
   cutoff: float
   reduce: bool
   max_score: float = 5.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, carry, r, h, weight):
@@ -102,12 +110,15 @@ class GalaBlock(nn.Module):
     invariants = jnp.stack([
         jnp.broadcast_to(nj[:, :, None], dot.shape),
         jnp.broadcast_to(nj[:, None, :], dot.shape), dot, wedge_norm], -1)
-    values = _ValueNet(self.hidden_dim, self.dilation, name="values")(
-        invariants, h)
+    values = _ValueNet(self.hidden_dim, self.dilation, self.dtype,
+                       name="values")(invariants, h)
     # Tied attention: one network gives the score and, for non-reducing
     # blocks, the three coefficients of the covariant update.
     heads = _ScoreNet(self.hidden_dim, self.dilation,
-                      outputs=1 if self.reduce else 4, name="scores")(values)
+                      outputs=1 if self.reduce else 4, dtype=self.dtype,
+                      name="scores")(values)
+    # Attention weights and the geometry update in float32.
+    heads = heads.astype(jnp.float32)
     logits = heads[..., 0]
     # Bounded scores: exp(score) can never outweigh a vanishing envelope, so
     # slots fade in and out over the envelope's width, not abruptly.
@@ -182,6 +193,9 @@ class Gala(nn.Module):
       where memory is plentiful (accelerators).
     remat: with all rows at once, rematerialise each block with this
       policy (see `models.remat`).
+    dtype: computation dtype of the dense layers (jnp.bfloat16 for mixed
+      precision); parameters, positions, attention weights, sums and
+      outputs stay float32.
   """
   hidden_dim: int = 64
   depth: int = 2
@@ -192,6 +206,7 @@ class Gala(nn.Module):
   num_species: int = 119
   pairs_per_chunk: int = 1024
   remat: str = ""
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, graph: jraph.GraphsTuple,
@@ -224,24 +239,25 @@ class Gala(nn.Module):
                        f"between 1 and num_neighbors={k} (0: all)")
     # Slots are stored nearest first within each centre.
     r, weight, onehot_n = r[:, :used], weight[:, :used], onehot_n[:, :used]
-    h = (nn.Dense(self.hidden_dim, name="embed_center")(onehot_c)[:, None]
-         + nn.Dense(self.hidden_dim, use_bias=False,
-                    name="embed_neighbor")(onehot_n))
+    dense = functools.partial(nn.Dense, dtype=self.dtype)
+    h = (dense(self.hidden_dim, name="embed_center")(onehot_c)[:, None]
+         + dense(self.hidden_dim, use_bias=False,
+                 name="embed_neighbor")(onehot_n)).astype(jnp.float32)
     chunk_rows = max(1, self.pairs_per_chunk // (used * used)) \
         if self.pairs_per_chunk else 0
     fields = dict(hidden_dim=self.hidden_dim, dilation=self.dilation,
-                  cutoff=self.cutoff)
+                  cutoff=self.cutoff, dtype=self.dtype)
     for i in range(self.depth):
       out, r = _chunked(f"block_{i}", chunk_rows, self.remat, r, h, weight,
                         reduce=False, **fields)
-      out = nn.Dense(self.hidden_dim, name=f"mlp_{i}_out")(jax.nn.silu(
-          nn.Dense(int(self.hidden_dim * self.dilation),
-                   name=f"mlp_{i}")(out)))
-      h = nn.LayerNorm(name=f"norm_{i}")(h + out)
+      out = dense(self.hidden_dim, name=f"mlp_{i}_out")(jax.nn.silu(
+          dense(int(self.hidden_dim * self.dilation), name=f"mlp_{i}")(out)))
+      h = nn.LayerNorm(name=f"norm_{i}")(h + out.astype(jnp.float32))
     pooled, _ = _chunked("reduce", chunk_rows, self.remat, r, h, weight,
                          reduce=True, **fields)
-    energy = nn.Dense(1, use_bias=False, name="energy")(jax.nn.silu(
-        nn.Dense(self.hidden_dim, name="final")(pooled)))[:, 0]
+    energy = dense(1, use_bias=False, name="energy")(jax.nn.silu(
+        dense(self.hidden_dim, name="final")(pooled)))[:, 0]
+    energy = energy.astype(jnp.float32)
     # Padding rows belong to the padding node, which the node mask removes.
     n_node = z.shape[0]
     per_atom = jax.ops.segment_sum(energy, center, num_segments=n_node,

@@ -20,7 +20,8 @@ edges plus the state, then an MLP: one value per structure, for IS2RE).
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Any, Sequence
 
 import e3nn_jax as e3nn
 import flax.linen as nn
@@ -42,12 +43,13 @@ class MLP(nn.Module):
   features: Sequence[int]
   activation: str
   activate_last: bool = True
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     act = _activation(self.activation)
     for i, f in enumerate(self.features):
-      x = nn.Dense(f)(x)
+      x = nn.Dense(f, dtype=self.dtype)(x)
       if i < len(self.features) - 1 or self.activate_last:
         x = act(x)
     return x
@@ -72,6 +74,7 @@ class MegNetBlock(nn.Module):
   pre: Sequence[int]
   mlp: Sequence[int]
   activation: str
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, e, v, u, weights, graph):
@@ -79,27 +82,30 @@ class MegNetBlock(nn.Module):
     node_graph = graph.nodes["graph"]
     edge_graph = node_graph[graph.receivers]
     e0, v0, u0 = e, v, u
-    e = MLP(self.pre, self.activation, name="pre_edge")(e)
-    v = MLP(self.pre, self.activation, name="pre_node")(v)
-    u = MLP(self.pre, self.activation, name="pre_state")(u)
-    e = MLP(self.mlp, self.activation, name="phi_e")(jnp.concatenate(
+    mlp = functools.partial(MLP, activation=self.activation, dtype=self.dtype)
+    e = mlp(self.pre, name="pre_edge")(e)
+    v = mlp(self.pre, name="pre_node")(v)
+    u = mlp(self.pre, name="pre_state")(u)
+    e = mlp(self.mlp, name="phi_e")(jnp.concatenate(
         [v[graph.senders], v[graph.receivers], e, u[edge_graph]], -1))
     e_to_v = _weighted_segment_mean(e, weights, graph.receivers, n_node, True)
-    v = MLP(self.mlp, self.activation, name="phi_v")(
+    v = mlp(self.mlp, name="phi_v")(
         jnp.concatenate([e_to_v, v, u[node_graph]], -1))
     e_to_u = _weighted_segment_mean(e, weights, edge_graph, n_graph, True)
     v_to_u = _weighted_segment_mean(
         v, graph.nodes["mask"].astype(v.dtype), node_graph, n_graph, True)
-    u = MLP(self.mlp, self.activation, name="phi_u")(
+    u = mlp(self.mlp, name="phi_u")(
         jnp.concatenate([e_to_u, v_to_u, u], -1))
     # Skip connections (projected when widths differ).
     if e0.shape[-1] != e.shape[-1]:
-      e0 = nn.Dense(e.shape[-1], name="skip_edge")(e0)
+      e0 = nn.Dense(e.shape[-1], dtype=self.dtype, name="skip_edge")(e0)
     if v0.shape[-1] != v.shape[-1]:
-      v0 = nn.Dense(v.shape[-1], name="skip_node")(v0)
+      v0 = nn.Dense(v.shape[-1], dtype=self.dtype, name="skip_node")(v0)
     if u0.shape[-1] != u.shape[-1]:
-      u0 = nn.Dense(u.shape[-1], name="skip_state")(u0)
-    return e + e0, v + v0, u + u0
+      u0 = nn.Dense(u.shape[-1], dtype=self.dtype, name="skip_state")(u0)
+    # The residual streams stay float32.
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    return f32(e + e0), f32(v + v0), f32(u + u0)
 
 
 class Set2Set(nn.Module):
@@ -151,6 +157,8 @@ class MegNet(nn.Module):
     activation: "shifted_softplus" (as in MEGNet) or a `jax.nn` name.
     num_species: size of the embedding table.
     remat: rematerialise each block with this policy (see `models.remat`).
+    dtype: computation dtype of the dense layers (jnp.bfloat16 for mixed
+      precision); parameters, positions, sums and outputs stay float32.
   """
   embed_dim: int = 16
   pre: Sequence[int] = (64, 32)
@@ -165,6 +173,7 @@ class MegNet(nn.Module):
   activation: str = "shifted_softplus"
   num_species: int = 119
   remat: str = ""
+  dtype: Any = jnp.float32
 
   @property
   def per_graph_output(self) -> bool:
@@ -196,15 +205,16 @@ class MegNet(nn.Module):
     block = remat.wrap(MegNetBlock, self.remat)
     for i in range(self.num_blocks):
       e, v, u = block(self.pre, self.block_mlp, self.activation,
-                      name=f"block_{i}")(e, v, u, envelope, graph)
+                      dtype=self.dtype, name=f"block_{i}")(
+                          e, v, u, envelope, graph)
     head = MLP(tuple(self.readout_mlp) + (1,), self.activation,
-               activate_last=False, name="readout")
+               activate_last=False, dtype=self.dtype, name="readout")
     if self.readout == "per_atom":
-      return head(v)[:, 0] * node_mask
+      return head(v)[:, 0].astype(jnp.float32) * node_mask
     node_graph = graph.nodes["graph"]
     pooled_v = Set2Set(self.set2set_steps, name="set2set_nodes")(
         v, node_graph, n_graph, node_mask.astype(v.dtype))
     pooled_e = Set2Set(self.set2set_steps, name="set2set_edges")(
         e, node_graph[graph.receivers], n_graph, envelope)
     out = head(jnp.concatenate([pooled_v, pooled_e, u], -1))[:, 0]
-    return out * graph.globals["mask"]
+    return out.astype(jnp.float32) * graph.globals["mask"]

@@ -1,5 +1,7 @@
 """Every model: symmetries, forces as gradients, padding and ordering, cutoff."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -249,6 +251,35 @@ def test_remat_gives_the_same_gradients(case):
         other_grads, grads)
   with pytest.raises(ValueError, match="remat"):
     _model(case, remat="some", **extra).init(jax.random.PRNGKey(0), graph)
+
+
+@pytest.mark.parametrize("case", ["egnn", "megnet", "gala"])
+def test_bf16_matmuls_keep_float32_parameters_energies_and_forces(case):
+  graph_kwargs, extra = {}, {}
+  if case == "gala":  # 8 slots keep the pair tensors small.
+    graph_kwargs = dict(representation="point_cloud", num_neighbors=8)
+    extra = dict(num_neighbors=8)
+  graph = batch_examples([graph_from_atoms(a, CUTOFF, None, **graph_kwargs)
+                          for a in _structures()])
+  norm = Normalizer.identity()
+  model = _model(case, **extra)
+  params = model.init(jax.random.PRNGKey(0), graph)
+  fn32 = make_energy_and_forces_fn(model, norm)
+  fn16 = make_energy_and_forces_fn(model.clone(dtype=jnp.bfloat16), norm)
+  e32, f32 = jax.jit(fn32)(params, graph)
+  e16, f16 = jax.jit(fn16)(params, graph)
+  assert e16.dtype == f16.dtype == jnp.float32
+  # The matrix products run in bf16 ...
+  jaxpr = str(jax.make_jaxpr(fn16)(params, graph))
+  assert re.search(r":bf16\[[^\]]*\] = dot_general", jaxpr)
+  # ... and bf16's 8-bit mantissa gives errors of a few parts in a thousand
+  # of the outputs' size, not more.
+  assert np.abs(np.asarray(e16 - e32)).max() < 2e-2 * (
+      np.abs(np.asarray(e32)).max() + 1.0)
+  assert np.abs(np.asarray(f16 - f32)).max() < 3e-2 * (
+      np.abs(np.asarray(f32)).max() + 1e-2)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(fn16(p, graph)[0])))(params)
+  assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
 
 
 def test_registry_from_config_rejects_unknown_fields():
