@@ -98,4 +98,12 @@ def get_config(model: str = "egnn") -> ml_collections.ConfigDict:
   # positions, energy sums, forces and the optimizer stay float32.
   config.precision = "float32"
 
+  # Several processes (hosts): set initialize on every process; empty fields
+  # come from SLURM, Open MPI or TPU VM environments (see README).
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.initialize = False
+  config.distributed.coordinator_address = ""  # "host:port" of process 0
+  config.distributed.num_processes = 0
+  config.distributed.process_id = -1
+
   return config

@@ -7,10 +7,11 @@ r"""Command-line entry point: parses flags and calls `train_and_evaluate`.
 import datetime
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from matsci_jax import train
+from matsci_jax import parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py).",
@@ -40,6 +41,10 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/s2ef.py")
+  parallel.initialize_distributed(config)
+  if jax.process_count() > 1 and not _WORKDIR.value:
+    raise app.UsageError("runs over several processes need --workdir, a "
+                         "folder every process can reach")
   workdir = _WORKDIR.value or _fresh_workdir()
   logging.info("workdir: %s", os.path.abspath(workdir))
   result = train.train_and_evaluate(config, workdir)
@@ -54,7 +59,8 @@ def main(argv):
                f"{result['padding_efficiency']['nodes']:.3f}")
   lines.append(f"  compilations after warm-up   "
                f"{result['recompiles_after_warmup']}")
-  print("\n".join(lines))
+  if jax.process_index() == 0:
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,22 @@ AXES = ("data", "fsdp")
 PMAP_AXIS = "devices"
 
 
+def initialize_distributed(config) -> None:
+  """Starts multi-process JAX if `config.distributed.initialize` is set.
+
+  Empty fields (address "", processes 0, process id -1) are left to JAX,
+  which reads them from SLURM, Open MPI or TPU VM environments. Call it
+  before anything touches the devices; a second call does nothing.
+  """
+  d = config.get("distributed")
+  if not d or not d.initialize or jax.distributed.is_initialized():
+    return
+  jax.distributed.initialize(
+      coordinator_address=d.coordinator_address or None,
+      num_processes=d.num_processes or None,
+      process_id=None if d.process_id < 0 else d.process_id)
+
+
 def make_mesh(data: int = -1, fsdp: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ("data", "fsdp") mesh; one size may be -1 (inferred).

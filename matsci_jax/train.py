@@ -111,12 +111,18 @@ def dataset_folder(config) -> str:
       record = json.load(f)
     built = (record.get("num_systems"), record.get("representation"),
              record.get("version"))
-  if built != (config.data.devset_num_systems, "both", make_devset.VERSION):
+  stale = built != (config.data.devset_num_systems, "both",
+                    make_devset.VERSION)
+  # Processes sharing a file system: process 0 builds, the others wait.
+  if stale and jax.process_index() == 0:
     logging.info("building the EMT dev set in %s (%d systems)", root,
                  config.data.devset_num_systems)
     make_devset.build_devset(root, num_systems=config.data.devset_num_systems,
                              overwrite=True,
                              progress=config.train.progress_bar)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("matsci_jax devset")
   return os.path.join(root, config.data.task)
 
 
@@ -231,10 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     ConfigError, DatasetError, NonFiniteLossError.
   """
   check_config(config)
-  if jax.process_count() > 1:
-    raise NotImplementedError(
-        "multi-process training needs cross-process gradient averaging, "
-        "which this trainer does not do yet; run one process per host group")
+  parallel.initialize_distributed(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   task = config.data.task
@@ -368,13 +371,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   num_params = sum(int(np.prod(x.shape)) for x in
                    jax.tree_util.tree_leaves(host_state(state).params))
 
-  with open(os.path.join(workdir, MODEL_FILE), "w") as f:
-    json.dump({"model": config.model.to_dict(), "task": task,
-               "normalizer": normalizer.to_dict(), "dataset": folder,
-               "cutoff": data.cutoff, "max_neighbors": data.max_neighbors,
-               "num_params": num_params}, f, indent=1)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
+  if jax.process_index() == 0:  # One writer for shared files.
+    with open(os.path.join(workdir, MODEL_FILE), "w") as f:
+      json.dump({"model": config.model.to_dict(), "task": task,
+                 "normalizer": normalizer.to_dict(), "dataset": folder,
+                 "cutoff": data.cutoff, "max_neighbors": data.max_neighbors,
+                 "num_params": num_params}, f, indent=1)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
 
   # Checkpoints: the latest few, and the best by validation.
   ckpt = ocp.CheckpointManager(
@@ -459,9 +463,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         "perf/compiles": monitoring.compile_count() - compiles_at_start,
     })
     if timed:
+      # This process's structures times the process count: processes take
+      # equal numbers of batches from one shuffled sequence.
+      procs = jax.process_count()
       scalars.update({
-          "perf/structures_per_s": graphs / elapsed,
-          "perf/atoms_per_s": atoms / elapsed,
+          "perf/structures_per_s": procs * graphs / elapsed,
+          "perf/atoms_per_s": procs * atoms / elapsed,
           "perf/step_time_s": elapsed / len(timed),
           "perf/padding_efficiency_nodes": atoms / (
               len(timed) * per_step * train_budget.n_node),

@@ -235,13 +235,57 @@ def check_train(tmp: str) -> dict:
   return out
 
 
+def check_two_processes(process_id: str, port: str) -> dict:
+  """One of two processes with 4 devices each: the step on the global
+  8-device mesh (each process feeding its own 4 batches) equals one device
+  on all the structures."""
+  from jax.experimental import multihost_utils
+  jax.distributed.initialize(f"localhost:{port}", num_processes=2,
+                             process_id=int(process_id))
+  assert jax.device_count() == 8 and jax.local_device_count() == 4
+  exs = examples()
+  model, loss_fn, optimizer = setup()
+  merged = batch_examples(exs)
+
+  def create(rng):
+    params = model.init(jax.random.PRNGKey(0), merged)
+    return train_state.TrainState.create(params, optimizer, rng)
+
+  here = jax.local_devices()[0]
+  rng = jax.device_put(jax.random.PRNGKey(1), here)
+  ref_state, ref_metrics = jax.jit(train_step.make_train_step(
+      loss_fn, optimizer))(jax.jit(create)(rng),
+                           jax.device_put(merged, here))
+  mesh = parallel.make_mesh(-1, 1)
+  shardings = parallel.state_shardings(jax.eval_shape(create, rng), mesh)
+  state = jax.jit(create, out_shardings=shardings)(jax.random.PRNGKey(1))
+  step = parallel.make_sharded_train_step(loss_fn, optimizer, mesh, shardings)
+  mine = per_device_batches(exs, 8)[4 * jax.process_index():][:4]
+  new_state, metrics = step(state, parallel.to_global(
+      parallel.stack_batches(mine), mesh))
+  gathered = multihost_utils.process_allgather(new_state, tiled=True)
+  return {"process": jax.process_index(),
+          # Replicated: every process holds the whole value.
+          "loss": abs(float(metrics["loss"].addressable_shards[0].data)
+                      - float(ref_metrics["loss"])),
+          "reference_loss": float(ref_metrics["loss"]),
+          "reference_update": max_diff(jax.device_get(ref_state.params),
+                                       jax.device_get(create(rng).params)),
+          "params": max_diff(gathered.params, jax.device_get(
+              ref_state.params)),
+          "opt_state": max_diff(gathered.opt_state, jax.device_get(
+              ref_state.opt_state))}
+
+
 CHECKS = {"step": check_step, "checkpoint": check_checkpoint,
-          "train": check_train}
+          "train": check_train, "two_processes": check_two_processes}
 
 if __name__ == "__main__":
   check = CHECKS[sys.argv[1]]
   if check is check_step:
     print(json.dumps(check()))
+  elif check is check_two_processes:
+    print(json.dumps(check(*sys.argv[2:4])))
   else:
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:

@@ -60,9 +60,14 @@ def test_checkpoint_from_a_2x4_fsdp_mesh_restores_anywhere():
     assert r[target]["shardings_match"], r
 
 
-def test_training_job_on_eight_devices():
+@pytest.fixture(scope="module")
+def train_results():
+  return _run_checks("train")
+
+
+def test_training_job_on_eight_devices(train_results):
   """Data parallel, FSDP and pmap runs of the job agree, compile once."""
-  r = _run_checks("train")
+  r = train_results
   reference = r["data_parallel"]
   for name in ("data_parallel", "fsdp", "pmap"):
     assert r[name]["recompiles"] == 0, r
@@ -71,6 +76,67 @@ def test_training_job_on_eight_devices():
       assert abs(r[name][metric] - reference[metric]) < 1e-4 * max(
           reference[metric], 1e-3), (name, metric, r)
   assert r["fsdp"]["devices"]["mesh"] == {"data": 2, "fsdp": 4}
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+def _two_processes(args) -> list[str]:
+  """Runs `args(i)` as processes 0 and 1 with 4 fake devices each."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = [subprocess.Popen([sys.executable] + args(i), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  outs = []
+  for p in procs:
+    out, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err[-4000:]
+    outs.append(out)
+  return outs
+
+
+def test_two_processes_match_one_device():
+  """jax.distributed with a localhost coordinator, 4 devices per process."""
+  port = _free_port()
+  outs = _two_processes(lambda i: ["-m", "tests.multi_device_checks",
+                                   "two_processes", str(i), str(port)])
+  results = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+  assert sorted(r["process"] for r in results) == [0, 1]
+  for r in results:
+    assert r["loss"] < 1e-6 * r["reference_loss"], r
+    assert r["opt_state"] < 1e-5, r  # the momentum: the gradient itself
+    assert r["params"] < 1e-3 * r["reference_update"], r
+
+
+def test_training_job_on_two_processes_matches_one_process(train_results,
+                                                         tmp_path):
+  """The main command on 2 processes x 4 devices, as 1 process x 8."""
+  port = _free_port()
+  workdir = tmp_path / "run"
+  overrides = [f"--config.{k}={v}" for k, v in {
+      "data.batch_size": 2, "train.num_steps": 6, "train.eval_every": 6,
+      "train.checkpoint_every": 3, "distributed.initialize": True,
+      "distributed.coordinator_address": f"localhost:{port}",
+      "distributed.num_processes": 2}.items()]
+  outs = _two_processes(lambda i: [
+      "-m", "matsci_jax.main", "--config=configs/test.py",
+      f"--workdir={workdir}", f"--config.distributed.process_id={i}",
+      *overrides])
+  assert "finished step 6" in outs[0] and "finished step" not in outs[1]
+  result = json.loads((workdir / "metrics.json").read_text())
+  assert result["devices"]["count"] == 8
+  assert result["recompiles_after_warmup"] == 0
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+  reference = train_results["data_parallel"]
+  for metric in ("energy_mae", "force_mae"):
+    assert abs(result["metrics"][f"val/{metric}"]
+               - reference[f"val_{metric}"]) < 1e-4 * reference[
+                   f"val_{metric}"], (result["metrics"], reference)
 
 
 def test_mesh_sizes_are_inferred_and_checked():
