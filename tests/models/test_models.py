@@ -16,7 +16,8 @@ from matsci_jax.energy import Normalizer, make_energy_and_forces_fn
 CUTOFF = 4.0
 
 
-K = 48  # Point-cloud slots: more than any atom's neighbours within CUTOFF.
+K = 24  # Point-cloud slots: more than any atom's neighbours within CUTOFF
+        # (at most 19 in these structures).
 POINT_CLOUD = dict(representation="point_cloud", num_neighbors=K)
 
 CASES = {
@@ -64,7 +65,7 @@ def setup(request):
   graph_kwargs = CASES[request.param][1]
   graph = batch_examples([graph_from_atoms(a, CUTOFF, None, **graph_kwargs)
                           for a in _structures()])
-  params = model.init(jax.random.PRNGKey(0), graph)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), graph)
   # Random-ish output bias so energies are not trivially zero.
   norm = Normalizer(scale=jnp.float32(1.0), shift=jnp.float32(0.1),
                     element_energies=jnp.zeros(119, jnp.float32))
@@ -138,11 +139,11 @@ def test_smooth_at_the_cutoff(case):
   graphs = [batch_examples([graph_from_atoms(trimer(d), CUTOFF + 1, None,
                                              **graph_kwargs)])
             for d in (CUTOFF - 1e-4, CUTOFF + 1e-4, CUTOFF + 0.5)]
-  params = model.init(jax.random.PRNGKey(2), graphs[0])
+  params = jax.jit(model.init)(jax.random.PRNGKey(2), graphs[0])
   params = jax.tree_util.tree_map(
       lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(3), x.shape),
       params)
-  fn = make_energy_and_forces_fn(model, Normalizer.identity())
+  fn = jax.jit(make_energy_and_forces_fn(model, Normalizer.identity()))
   (e_in, _), (e_out, _), (e_far, _) = [fn(params, g) for g in graphs]
   scale = max(1.0, abs(float(e_out[0])))  # float32 resolution of the sum
   assert abs(float(e_in[0] - e_out[0])) < 2e-6 * scale
@@ -161,14 +162,17 @@ def test_gala_nearest_neighbors_equals_fewer_stored_slots():
                         for a in structures])
   model_full = _model("gala", nearest_neighbors=k)
   model_few = _model("gala", num_neighbors=k)
-  params = model_few.init(jax.random.PRNGKey(0), few)
+  params = jax.jit(model_few.init)(jax.random.PRNGKey(0), few)
   norm = Normalizer.identity()
-  e_full, f_full = make_energy_and_forces_fn(model_full, norm)(params, full)
-  e_few, f_few = make_energy_and_forces_fn(model_few, norm)(params, few)
+  e_full, f_full = jax.jit(make_energy_and_forces_fn(model_full, norm))(
+      params, full)
+  e_few, f_few = jax.jit(make_energy_and_forces_fn(model_few, norm))(
+      params, few)
   np.testing.assert_allclose(e_full, e_few, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(f_full, f_few, rtol=1e-4, atol=1e-5)
   # Fewer slots is a different model: the comparison can fail.
-  e_all, _ = make_energy_and_forces_fn(_model("gala"), norm)(params, full)
+  e_all, _ = jax.jit(make_energy_and_forces_fn(_model("gala"), norm))(
+      params, full)
   assert np.abs(np.asarray(e_all) - np.asarray(e_few)).max() > 1e-3
   with pytest.raises(ValueError, match="nearest_neighbors"):
     _model("gala", nearest_neighbors=K + 1).init(jax.random.PRNGKey(0), full)
@@ -186,16 +190,16 @@ def test_gala_chunks_of_rows_change_nothing_but_memory():
   results = {}
   # All rows at once, and chunks of 5 rows, which do not divide them.
   for pairs in (0, 5 * k * k):
-    model = _model("gala", num_neighbors=k, pairs_per_chunk=pairs)
-    params = model.init(jax.random.PRNGKey(0), graph)
-    energy_and_forces = jax.jit(make_energy_and_forces_fn(model, norm))
+    model = _model("gala", num_neighbors=k, depth=1, pairs_per_chunk=pairs)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), graph)
+    energy_and_forces = make_energy_and_forces_fn(model, norm)
 
     def force_loss(p):
       e, f = energy_and_forces(p, graph)
-      return jnp.sum(e) + jnp.sum(f * f)
+      return jnp.sum(e) + jnp.sum(f * f), (e, f)
 
-    grads = jax.jit(jax.grad(force_loss))(params)
-    results[pairs] = (params, energy_and_forces(params, graph), grads)
+    grads, outputs = jax.jit(jax.grad(force_loss, has_aux=True))(params)
+    results[pairs] = (params, outputs, grads)
   assert rows % 5 and rows > 5
   reference = results[0]
   for pairs in results:
@@ -210,11 +214,16 @@ def test_gala_chunks_of_rows_change_nothing_but_memory():
         grads, reference[2])
   # One row per chunk with many slots: XLA:CPU once fused the pair dot
   # products of a single row of 40+ slots wrongly.
-  graph = batch_examples([graph_from_atoms(a, CUTOFF, None, **POINT_CLOUD)
+  many = 48
+  graph = batch_examples([graph_from_atoms(a, CUTOFF, None,
+                                           representation="point_cloud",
+                                           num_neighbors=many)
                           for a in _structures()])
-  params = _model("gala").init(jax.random.PRNGKey(0), graph)
-  e_all, e_rows = (jax.jit(_model("gala", pairs_per_chunk=pairs).apply)(
-      params, graph) for pairs in (0, K * K))
+  params = jax.jit(_model("gala", num_neighbors=many).init)(
+      jax.random.PRNGKey(0), graph)
+  e_all, e_rows = (jax.jit(_model("gala", num_neighbors=many,
+                                  pairs_per_chunk=pairs).apply)(params, graph)
+                   for pairs in (0, many * many))
   np.testing.assert_allclose(e_rows, e_all, rtol=1e-5, atol=1e-6)
 
 
@@ -225,7 +234,7 @@ def test_remat_gives_the_same_gradients(case):
   graph_kwargs, extra = {}, {}
   if case == "gala":  # 8 slots keep the pair tensors small.
     graph_kwargs = dict(representation="point_cloud", num_neighbors=8)
-    extra = dict(pairs_per_chunk=0, num_neighbors=8)
+    extra = dict(pairs_per_chunk=0, num_neighbors=8, depth=1)
   graph = batch_examples([graph_from_atoms(a, CUTOFF, None, **graph_kwargs)
                           for a in _structures()])
   norm = Normalizer.identity()
@@ -233,7 +242,7 @@ def test_remat_gives_the_same_gradients(case):
   results = []
   for policy in policies:
     model = _model(case, remat=policy, **extra)
-    params = model.init(jax.random.PRNGKey(0), graph)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), graph)
     energy_and_forces = make_energy_and_forces_fn(model, norm)
 
     def force_loss(p):
@@ -258,12 +267,12 @@ def test_bf16_matmuls_keep_float32_parameters_energies_and_forces(case):
   graph_kwargs, extra = {}, {}
   if case == "gala":  # 8 slots keep the pair tensors small.
     graph_kwargs = dict(representation="point_cloud", num_neighbors=8)
-    extra = dict(num_neighbors=8)
+    extra = dict(num_neighbors=8, depth=1)
   graph = batch_examples([graph_from_atoms(a, CUTOFF, None, **graph_kwargs)
                           for a in _structures()])
   norm = Normalizer.identity()
   model = _model(case, **extra)
-  params = model.init(jax.random.PRNGKey(0), graph)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), graph)
   fn32 = make_energy_and_forces_fn(model, norm)
   fn16 = make_energy_and_forces_fn(model.clone(dtype=jnp.bfloat16), norm)
   e32, f32 = jax.jit(fn32)(params, graph)
