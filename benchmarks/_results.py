@@ -34,3 +34,12 @@ def record(name: str, title: str, result: dict, notes: str = "") -> None:
     text = text.rstrip("\n") + "\n\n" + body + "\n"
   with open(RESULTS, "w") as f:
     f.write(text)
+
+
+def report(name: str, title: str, result: dict, notes: str = "",
+           save: bool = False) -> None:
+  """Adds the machine, prints the JSON and, with `save`, records it."""
+  result["machine"] = machine()
+  print(json.dumps(result, indent=1))
+  if save:
+    record(name, title, result, notes)

@@ -87,12 +87,9 @@ def main():
                 n / seconds / min(workers, os.cpu_count()), 1)})
   # After the runs: importing jax starts threads, which would make the
   # converter start its workers with forkserver instead of fork.
-  results["machine"] = _results.machine()
-  print(json.dumps(results, indent=1))
-  if args.record:
-    _results.record("convert_throughput", "Converter throughput",
-                    results, "`python benchmarks/convert_throughput.py "
-                    "--record`. Target: 300 structures/s per core.")
+  _results.report("convert_throughput", "Converter throughput", results,
+                  "`python benchmarks/convert_throughput.py --record`. "
+                  "Target: 300 structures/s per core.", save=args.record)
 
 
 if __name__ == "__main__":

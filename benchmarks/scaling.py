@@ -150,15 +150,12 @@ def main():
       for fsdp, remat in ((1, ""), (most, ""), (1, "full"), (most, "full")):
         results["memory"].append(_run(folder, most, width, most // fsdp,
                                       fsdp, remat, 2))
-  results["machine"] = _results.machine()
-  print(json.dumps(results, indent=1))
-  if args.record:
-    _results.record(
-        "scaling", "Scaling: devices and memory", results,
-        "`python benchmarks/scaling.py --record`. On a CPU the devices are "
-        "simulated and share its cores, so throughput cannot grow with "
-        "their number there; the memory figures are XLA's per-device "
-        "compiled sizes, which do not depend on that.")
+  _results.report(
+      "scaling", "Scaling: devices and memory", results,
+      "`python benchmarks/scaling.py --record`. On a CPU the devices are "
+      "simulated and share its cores, so throughput cannot grow with their "
+      "number there; the memory figures are XLA's per-device compiled "
+      "sizes, which do not depend on that.", save=args.record)
 
 
 if __name__ == "__main__":

@@ -173,15 +173,13 @@ def main():
       results["runs"].append(_run(name, split, split.statistics, args.batch,
                                   args.steps, config))
       print(json.dumps(results["runs"][-1]), flush=True)
-  results["machine"] = _results.machine()
-  print(json.dumps(results, indent=1))
-  if args.record:
-    _results.record(
-        "train_throughput", "Training throughput (S2EF with forces)", results,
-        "`python benchmarks/train_throughput.py --record`. Reference: the "
-        "Open MatSci ML Toolkit's EGNN trains at about 4 structures/s on 2 "
-        "CPU cores on this workload (target: at least 12); its GALA needed "
-        "12.7 s and 2.3 GB for one 83-atom energy and could not do forces.")
+  _results.report(
+      "train_throughput", "Training throughput (S2EF with forces)", results,
+      "`python benchmarks/train_throughput.py --record`. Reference: the "
+      "Open MatSci ML Toolkit's EGNN trains at about 4 structures/s on 2 "
+      "CPU cores on this workload (target: at least 12); its GALA needed "
+      "12.7 s and 2.3 GB for one 83-atom energy and could not do forces.",
+      save=args.record)
 
 
 if __name__ == "__main__":
