@@ -37,7 +37,6 @@ def worker(folder: str, width: int, data: int, fsdp: int, remat: str,
            steps: int) -> dict:
   """One configuration, in a process whose devices are already set."""
   import jax
-  import ml_collections
 
   from configs import s2ef
   from matsci_jax import models, monitoring, parallel, train_state, train_step

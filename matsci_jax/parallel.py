@@ -140,6 +140,19 @@ def _gather_dim(spec: P) -> int | None:
   return None
 
 
+def _split_dims(param_specs) -> Any:
+  """Per parameter, the dimension split over "fsdp" (None: replicated)."""
+  return jax.tree_util.tree_map(_gather_dim, param_specs,
+                                is_leaf=lambda x: isinstance(x, P))
+
+
+def _gather(params, dims) -> Any:
+  """Whole parameters from their FSDP slices (inside `shard_map`)."""
+  return jax.tree_util.tree_map(
+      lambda x, d: x if d is None else jax.lax.all_gather(
+          x, "fsdp", axis=d, tiled=True), params, dims)
+
+
 def _to_varying(x, axes: tuple[str, ...]):
   """Marks a replicated value as device-local, so that its gradient is not
   summed over `axes` implicitly (we sum once, explicitly)."""
@@ -188,8 +201,7 @@ def make_sharded_train_step(
     `batch_sharding(mesh)`; the state is donated.
   """
   param_specs = _specs(state_sharding.params)
-  dims = jax.tree_util.tree_map(_gather_dim, param_specs,
-                                is_leaf=lambda x: isinstance(x, P))
+  dims = _split_dims(param_specs)
 
   def per_device(params, batch):
     batch = jax.tree_util.tree_map(lambda x: x[0], batch)
@@ -200,10 +212,7 @@ def make_sharded_train_step(
         params, dims)
 
     def gathered_loss(p, micro, counts):
-      full = jax.tree_util.tree_map(
-          lambda x, d: x if d is None else jax.lax.all_gather(
-              x, "fsdp", axis=d, tiled=True), p, dims)
-      return loss_fn(full, micro, counts)
+      return loss_fn(_gather(p, dims), micro, counts)
 
     loss, terms, grads = train_step_lib.accumulate_gradients(
         gathered_loss, local, batch, grad_accum_steps,
@@ -276,15 +285,11 @@ def make_sharded_eval_step(eval_step: Callable, mesh: Mesh,
   Metric sums of each device's batch are added over devices.
   """
   param_specs = _specs(params_sharding)
-  dims = jax.tree_util.tree_map(_gather_dim, param_specs,
-                                is_leaf=lambda x: isinstance(x, P))
+  dims = _split_dims(param_specs)
 
   def per_device(params, batch):
     batch = jax.tree_util.tree_map(lambda x: x[0], batch)
-    full = jax.tree_util.tree_map(
-        lambda x, d: x if d is None else jax.lax.all_gather(
-            x, "fsdp", axis=d, tiled=True), params, dims)
-    return jax.lax.psum(eval_step(full, batch), AXES)
+    return jax.lax.psum(eval_step(_gather(params, dims), batch), AXES)
 
   sharded = jax.shard_map(per_device, mesh=mesh,
                           in_specs=(param_specs, P(AXES)), out_specs=P())
