@@ -27,7 +27,8 @@ import tqdm
 from absl import logging
 
 from matsci_jax import metrics as metrics_lib
-from matsci_jax import models, monitoring, parallel, train_state, train_step
+from matsci_jax import (checkpoints, models, monitoring, parallel,
+                        train_state, train_step)
 from matsci_jax.data import batching, dataset_io, pipeline
 from matsci_jax.energy import Normalizer
 
@@ -47,7 +48,6 @@ REQUIRED_FIELDS = {
     "mesh": ("data", "fsdp"),
     "parallel": ("strategy", "fsdp_min_size"),
 }
-MODEL_FILE = "model.json"
 # Fault injection for resume tests: SIGKILL this process after that step.
 KILL_AT_STEP_ENV = "MATSCI_JAX_FAULT_KILL_AT_STEP"
 
@@ -371,12 +371,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                    jax.tree_util.tree_leaves(host_state(state).params))
 
   if jax.process_index() == 0:  # One writer for shared files.
-    with open(os.path.join(workdir, MODEL_FILE), "w") as f:
+    with open(os.path.join(workdir, checkpoints.MODEL_FILE), "w") as f:
       json.dump({"model": config.model.to_dict(), "task": task,
                  "normalizer": normalizer.to_dict(), "dataset": folder,
                  "cutoff": data.cutoff, "max_neighbors": data.max_neighbors,
                  "num_params": num_params}, f, indent=1)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(os.path.join(workdir, checkpoints.CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
 
   # Checkpoints: the latest few, and the best by validation.

@@ -6,13 +6,15 @@ import os
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from configs import test as test_config
-from matsci_jax import train
+from matsci_jax import checkpoints, train
+from matsci_jax.data import dataset_io, pipeline
 from matsci_jax.data.dataset_io import DatasetError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +52,39 @@ def test_test_config_lowers_the_loss(small_devset, tmp_path):
           "perf/padding_efficiency_nodes", "perf/compiles"} <= metrics
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["30", "40"]
   assert len(os.listdir(tmp_path / "best")) == 1
+  # The loaded model reproduces the final evaluation (EMA parameters).
+  trained = checkpoints.load(tmp_path, checkpoint="latest")
+  assert trained.step == 40 and trained.task == "s2ef"
+  assert abs(_val_energy_mae(trained) - m["val/energy_mae"]) < 1e-5
+  assert checkpoints.load(tmp_path / "checkpoints" / "30").step == 30
+  assert checkpoints.load(tmp_path).step in (20, 40)  # The best one.
+
+
+def _val_energy_mae(trained):
+  split = dataset_io.Dataset(trained.config.data.path).split("val")
+  loader, _ = pipeline.batch_dataset(
+      split, train._budget(trained.config, split.sizes), shuffle=False)
+  fn = jax.jit(trained.energy_and_forces)
+  errors = []
+  for batch in loader:
+    energies, _ = fn(trained.params, batch)
+    real = batch.globals["mask"]
+    errors.extend(np.abs(np.asarray(energies)[real]
+                         - batch.globals["energy"][real]))
+  return float(np.mean(errors))
+
+
+def test_load_names_what_is_missing(small_devset, tmp_path):
+  with pytest.raises(checkpoints.CheckpointError, match="not a training"):
+    checkpoints.load(small_devset)
+  (tmp_path / "model.json").write_text("{}")
+  with pytest.raises(checkpoints.CheckpointError, match="lacks model, task"):
+    checkpoints.load(tmp_path)
+  (tmp_path / "model.json").write_text(json.dumps(
+      {"model": {"name": "egnn"}, "task": "s2ef", "normalizer": {},
+       "cutoff": 6.0}))
+  with pytest.raises(checkpoints.CheckpointError, match="holds no checkpoints"):
+    checkpoints.load(tmp_path)
 
 
 def _params_at(workdir, step):
