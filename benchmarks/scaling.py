@@ -9,7 +9,15 @@ r"""Scaling: throughput against device count, memory against model width.
 * memory: peak bytes per device of the compiled step (XLA's memory
   analysis: arguments, outputs and temporaries) on 8 devices, against the
   EGNN width, for plain data parallelism, FSDP over all 8 devices,
-  rematerialised layers ("full"), and both.
+  rematerialised layers ("full"), and both; for the S2EF step (forces, a
+  second-order gradient) and an energy-only step (first order, as IS2RE).
+
+XLA:CPU's default scheduler favours concurrency and computes rematerialised
+values as early as their inputs allow, which undoes remat's saving; the
+memory runs on a CPU therefore use its memory-minimising scheduler
+(`--xla_cpu_enable_concurrency_optimized_scheduler=false`), and one width is
+also measured with the default, to show the difference. GPU and TPU
+schedulers keep recomputation next to its use.
 
 Each configuration runs in its own process so that the device count can be
 chosen; where only a CPU is present the devices are simulated
@@ -33,8 +41,11 @@ LIPS = os.path.join(ROOT, "..", "shared", "data", "matsciml_lips_devset")
 PER_DEVICE = 2  # LiPS cells per device and step
 
 
+CPU_MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
 def worker(folder: str, width: int, data: int, fsdp: int, remat: str,
-           steps: int) -> dict:
+           steps: int, task: str = "s2ef") -> dict:
   """One configuration, in a process whose devices are already set."""
   import jax
 
@@ -56,8 +67,10 @@ def worker(folder: str, width: int, data: int, fsdp: int, remat: str,
   model = models.get("egnn", hidden_dim=width, num_layers=3, cutoff=6.0,
                      readout_hidden=64, remat=remat)
   config = s2ef.get_config()
-  loss_fn = train_step.make_s2ef_loss(
-      model, Normalizer.from_statistics(split.statistics), config.loss)
+  make_loss = (train_step.make_s2ef_loss if task == "s2ef"
+               else train_step.make_energy_loss)
+  loss_fn = make_loss(model, Normalizer.from_statistics(split.statistics),
+                      config.loss)
   optimizer = train_state.make_optimizer(config)
   mesh = parallel.make_mesh(data, fsdp)
   one = jax.tree_util.tree_map(lambda x: x[0], batches[0])
@@ -85,24 +98,29 @@ def worker(folder: str, width: int, data: int, fsdp: int, remat: str,
   params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
   peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
           + memory.output_size_in_bytes - memory.alias_size_in_bytes)
-  return {"width": width, "devices": n, "mesh": {"data": data, "fsdp": fsdp},
-          "remat": remat, "num_params": int(params),
+  return {"task": task, "width": width, "devices": n,
+          "mesh": {"data": data, "fsdp": fsdp}, "remat": remat, "num_params": int(params),
           "structures_per_step": n * PER_DEVICE,
           "step_time_s": round(dt, 4),
           "structures_per_s": round(n * PER_DEVICE / dt, 2),
           "peak_memory_per_device_mb": round(peak / 2 ** 20, 2),
           "compiles_after_warmup": monitoring.compile_count() - warm,
-          "device_kind": jax.devices()[0].device_kind}
+          "device_kind": jax.devices()[0].device_kind,
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-def _run(folder, devices, width, data, fsdp, remat, steps) -> dict:
+def _run(folder, devices, width, data, fsdp, remat, steps, task="s2ef",
+         memory_scheduler=False) -> dict:
   env = dict(os.environ)
   if "cpu" in _platform():
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_"
-                        f"platform_device_count={devices}").strip()
+    flags = [env.get("XLA_FLAGS", ""),
+             f"--xla_force_host_platform_device_count={devices}"]
+    if memory_scheduler:
+      flags.append(CPU_MEMORY_SCHEDULER)
+    env["XLA_FLAGS"] = " ".join(flags).strip()
   out = subprocess.run(
       [sys.executable, os.path.abspath(__file__), "--worker", folder,
-       str(width), str(data), str(fsdp), remat or "none", str(steps)],
+       str(width), str(data), str(fsdp), remat or "none", str(steps), task],
       env=env, capture_output=True, text=True, cwd=ROOT)
   if out.returncode:
     sys.exit(f"worker failed:\n{out.stderr[-3000:]}")
@@ -122,12 +140,13 @@ def main():
   p.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512])
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--record", action="store_true")
-  p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+  p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.worker:
-    folder, width, data, fsdp, remat, steps = args.worker
+    folder, width, data, fsdp, remat, steps, task = args.worker
     print(json.dumps(worker(folder, int(width), int(data), int(fsdp),
-                            "" if remat == "none" else remat, int(steps))))
+                            "" if remat == "none" else remat, int(steps),
+                            task)))
     return
   if not os.path.isdir(LIPS):
     sys.exit(f"needs the LiPS fixture at {LIPS}")
@@ -135,7 +154,9 @@ def main():
   from data_prep import convert
   results = {"workload": {"model": "egnn, 3 layers, 6 A",
                           "structures_per_device": PER_DEVICE,
-                          "structure": "LiPS cell, 83 atoms"},
+                          "structure": "LiPS cell, 83 atoms",
+                          "tasks": "s2ef: energy and forces; energy: "
+                                   "energy only (first order, as IS2RE)"},
              "throughput": [], "memory": []}
   with tempfile.TemporaryDirectory() as tmp:
     folder = os.path.join(tmp, "lips")
@@ -145,16 +166,24 @@ def main():
       results["throughput"].append(
           _run(folder, n, 128, n, 1, "", args.steps))
     most = max(args.devices)
-    for width in args.widths:
-      for fsdp, remat in ((1, ""), (most, ""), (1, "full"), (most, "full")):
-        results["memory"].append(_run(folder, most, width, most // fsdp,
-                                      fsdp, remat, 2))
+    for task in ("s2ef", "energy"):
+      for width in args.widths:
+        for fsdp, remat in ((1, ""), (most, ""), (1, "full"), (most, "full")):
+          results["memory"].append(_run(folder, most, width, most // fsdp,
+                                        fsdp, remat, 2, task, True))
+      if "cpu" in _platform():  # The default scheduler, for comparison.
+        for remat in ("", "full"):
+          results["memory"].append(_run(folder, most, max(args.widths), most,
+                                        1, remat, 2, task, False))
   _results.report(
       "scaling", "Scaling: devices and memory", results,
       "`python benchmarks/scaling.py --record`. On a CPU the devices are "
       "simulated and share its cores, so throughput cannot grow with their "
       "number there; the memory figures are XLA's per-device compiled "
-      "sizes, which do not depend on that.", save=args.record)
+      "sizes, which do not depend on that. Memory runs on a CPU use its "
+      "memory-minimising scheduler (see `xla_flags`) except the two marked "
+      "runs per task without it, which show that the default scheduler "
+      "undoes remat's saving.", save=args.record)
 
 
 if __name__ == "__main__":

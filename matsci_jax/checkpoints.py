@@ -23,8 +23,11 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from matsci_jax import models
-from matsci_jax.energy import (Normalizer, make_energy_and_forces_fn,
-                               make_energy_fn)
+from matsci_jax.data import graphs
+from matsci_jax.data.ase_reader import structure_from_atoms
+from matsci_jax.data.structure import Structure
+from matsci_jax.energy import (Normalizer, make_atom_energies_fn,
+                               make_energy_and_forces_fn, make_energy_fn)
 
 MODEL_FILE = "model.json"
 CONFIG_FILE = "config.json"
@@ -48,6 +51,10 @@ class Trained:
     step: training step of the restored checkpoint.
     cutoff: radius in Å of the dataset's graph edges, which the model expects.
     max_neighbors: the dataset's neighbour cap per atom (0: none).
+    representation: "graph" or "point_cloud", what the model reads.
+    point_cloud: the dataset's point-cloud settings (cutoff, num_neighbors,
+      bulk_samples, seed), or None.
+    dataset: the converted dataset folder it was trained on.
     workdir: the run's folder.
   """
   model: Any
@@ -58,12 +65,41 @@ class Trained:
   step: int
   cutoff: float
   max_neighbors: int
+  representation: str
+  point_cloud: dict | None
+  dataset: str
   workdir: str
+
+  def example(self, structure) -> dict:
+    """A structure as the stored example this model reads.
+
+    Args:
+      structure: `ase.Atoms` or `matsci_jax.data.structure.Structure`.
+
+    Returns:
+      Its graph (the dataset's cutoff and neighbour cap) or point cloud
+      (the dataset's point-cloud settings), as `batching.collate` takes it.
+    """
+    if not isinstance(structure, Structure):
+      structure = structure_from_atoms(structure, "<atoms>", 0)
+    if self.representation == "point_cloud":
+      pc = self.point_cloud or {}
+      return graphs.example_from_structure(
+          structure, pc.get("cutoff", self.cutoff), None, self.task,
+          "point_cloud", pc.get("num_neighbors", 16),
+          pc.get("bulk_samples", 8), pc.get("seed", 0))
+    return graphs.example_from_structure(
+        structure, self.cutoff, self.max_neighbors or None, self.task)
 
   @property
   def energy_fn(self) -> Callable:
     """`energy_fn(params, graph) -> float32 [n_graph]` energies in eV."""
     return make_energy_fn(self.model, self.normalizer)
+
+  @property
+  def atom_energies(self) -> Callable:
+    """`fn(params, graph) -> float32 [n_node]` per-atom energies in eV."""
+    return make_atom_energies_fn(self.model, self.normalizer)
 
   @property
   def energy_and_forces(self) -> Callable:
@@ -177,4 +213,7 @@ def load(path: str, *, checkpoint: str | int = "best", ema: bool = True,
       model=model, params=state["ema_params" if ema else "params"],
       normalizer=Normalizer.from_dict(info["normalizer"]), config=config,
       task=info["task"], step=step, cutoff=float(info["cutoff"]),
-      max_neighbors=int(info.get("max_neighbors") or 0), workdir=workdir)
+      max_neighbors=int(info.get("max_neighbors") or 0),
+      representation=info.get("representation", "graph"),
+      point_cloud=info.get("point_cloud"),
+      dataset=info.get("dataset", ""), workdir=workdir)

@@ -116,11 +116,41 @@ class Normalizer:
                reference_tag=int(d.get("reference_tag", -1)))
 
 
+def _references(normalizer: Normalizer, graph) -> jax.Array:
+  """Per-atom reference energies [n_node] (adsorbate atoms only when the
+  normaliser's references are adsorbate-only)."""
+  refs = normalizer.element_energies[graph.nodes["atomic_numbers"]]
+  if normalizer.reference_tag >= 0:
+    refs = jnp.where(graph.nodes["tags"] == normalizer.reference_tag,
+                     refs, 0.0)
+  return refs
+
+
+def make_atom_energies_fn(model, normalizer: Normalizer) -> Callable:
+  """Returns `fn(params, graph, positions=None) -> float32 [n_node]`.
+
+  Per-atom energy contributions in eV (zero on padding atoms), which sum to
+  `make_energy_fn`'s structure energies. Only per-atom models have them.
+  """
+  if getattr(model, "per_graph_output", False):
+    raise ValueError(f"{type(model).__name__} predicts one energy per "
+                     "structure; it has no per-atom contributions")
+
+  def atom_energies(params, graph: jraph.GraphsTuple, positions=None):
+    out = model.apply(params, graph, positions).astype(jnp.float32)
+    per_atom = (normalizer.shift + _references(normalizer, graph)
+                + normalizer.scale * out)
+    return jnp.where(graph.nodes["mask"], per_atom, 0.0)
+
+  return atom_energies
+
+
 def make_energy_fn(model, normalizer: Normalizer) -> Callable:
   """Returns `energy_fn(params, graph, positions=None) -> float32 [n_graph]`.
 
-  Models give per-atom outputs [n_node], or per-structure outputs [n_graph]
-  when they have `per_graph_output = True` (non-extensive readouts).
+  Structure energies in eV (zero on padding graphs). Models give per-atom
+  outputs [n_node], or per-structure outputs [n_graph] when they have
+  `per_graph_output = True` (non-extensive readouts).
   """
 
   per_graph = getattr(model, "per_graph_output", False)
@@ -128,12 +158,8 @@ def make_energy_fn(model, normalizer: Normalizer) -> Callable:
   def energy_fn(params, graph: jraph.GraphsTuple, positions=None):
     out = model.apply(params, graph, positions).astype(jnp.float32)
     mask = graph.nodes["mask"]
-    refs = normalizer.element_energies[graph.nodes["atomic_numbers"]]
-    if normalizer.reference_tag >= 0:
-      refs = jnp.where(graph.nodes["tags"] == normalizer.reference_tag,
-                       refs, 0.0)
     # Sums stay in float32 whatever precision the model computes in.
-    per_atom = normalizer.shift + refs
+    per_atom = normalizer.shift + _references(normalizer, graph)
     if not per_graph:
       per_atom = per_atom + normalizer.scale * out
     per_atom = jnp.where(mask, per_atom, 0.0)

@@ -375,6 +375,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       json.dump({"model": config.model.to_dict(), "task": task,
                  "normalizer": normalizer.to_dict(), "dataset": folder,
                  "cutoff": data.cutoff, "max_neighbors": data.max_neighbors,
+                 "representation": representation,
+                 "point_cloud": data.metadata.get("point_cloud"),
                  "num_params": num_params}, f, indent=1)
     with open(os.path.join(workdir, checkpoints.CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
@@ -392,7 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           max_to_keep=1, create=True, best_fn=lambda m: m[best_metric],
           best_mode="min"),
       item_names=("state",))
-  start = ckpt.latest_step()
+  start = resumed_from = ckpt.latest_step()
   if start is not None:
     # Restoring into the current state's shardings reshards a checkpoint
     # written on another mesh or device count.
@@ -521,6 +523,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   compiles = monitoring.compile_count()
   result = {
       "step": final_step,
+      "resumed_from_step": resumed_from,
       "num_params": num_params,
       "devices": {"strategy": strategy, "count": jax.device_count(),
                   "mesh": dict(mesh.shape) if mesh is not None else None,

@@ -48,3 +48,25 @@ def small_devset(tmp_path_factory) -> pathlib.Path:
   out = tmp_path_factory.mktemp("small_devset") / "devset"
   make_devset.build_devset(out, num_systems=12, workers=1, progress=False)
   return out
+
+
+@pytest.fixture(scope="session")
+def trained_s2ef(small_devset, tmp_path_factory) -> pathlib.Path:
+  """The workdir of a tiny EGNN trained for 100 steps on the small dev set.
+
+  With a mean-squared force loss: the default L2-MAE, a median-like loss,
+  keeps a briefly trained model's forces near zero (most dev-set atoms are
+  near equilibrium), which would leave relaxations nothing to do.
+  """
+  from configs import test as test_config
+  from matsci_jax import train
+  config = test_config.get_config()
+  config.data.path = str(small_devset / "s2ef")
+  config.train.num_steps = 100
+  config.train.eval_every = config.train.checkpoint_every = 100
+  config.optimizer.learning_rate = 5e-3
+  config.loss.force_loss = "mse"
+  config.loss.energy_weight = 1.0
+  workdir = tmp_path_factory.mktemp("trained_s2ef")
+  train.train_and_evaluate(config, str(workdir))
+  return workdir

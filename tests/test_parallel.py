@@ -138,6 +138,21 @@ def test_training_job_on_two_processes_matches_one_process(train_results,
                - reference[f"val_{metric}"]) < 1e-4 * reference[
                    f"val_{metric}"], (result["metrics"], reference)
 
+  # The run resumes in one process on one device, from step 6.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  out = subprocess.run(
+      [sys.executable, "-m", "matsci_jax.main", "--config=configs/test.py",
+       f"--workdir={workdir}", "--config.data.batch_size=2",
+       "--config.train.num_steps=9", "--config.train.eval_every=9",
+       "--config.train.checkpoint_every=3"], cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "finished step 9" in out.stdout
+  resumed = json.loads((workdir / "metrics.json").read_text())
+  assert resumed["devices"]["count"] == 1 and resumed["step"] == 9
+  assert resumed["resumed_from_step"] == 6
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["6", "9"]
+
 
 def test_mesh_sizes_are_inferred_and_checked():
   n = len(jax.devices())

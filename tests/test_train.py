@@ -61,7 +61,7 @@ def test_test_config_lowers_the_loss(small_devset, tmp_path):
 
 
 def _val_energy_mae(trained):
-  split = dataset_io.Dataset(trained.config.data.path).split("val")
+  split = dataset_io.Dataset(trained.dataset).split("val")
   loader, _ = pipeline.batch_dataset(
       split, train._budget(trained.config, split.sizes), shuffle=False)
   fn = jax.jit(trained.energy_and_forces)

@@ -48,6 +48,36 @@ class Budget:
           "(config.data.max_nodes / max_edges)")
 
 
+def bucket(size: int, multiple: int, growth: float = 1.25) -> int:
+  """The smallest rung at least `size` on a ladder of padded sizes.
+
+  Rungs start at `multiple` and grow by `growth`, rounded up to `multiple`,
+  so that sizes that differ a little (edges along a relaxation, structures
+  of one family) share a padded shape and a compiled function.
+  """
+  rung = multiple
+  while rung < size:
+    rung = int(math.ceil(rung * growth / multiple) * multiple)
+  return rung
+
+
+def bucket_budget(examples: Sequence[dict], *, node_multiple: int = 16,
+                  edge_multiple: int = 256, growth: float = 1.25,
+                  n_graph: int | None = None) -> Budget:
+  """A budget on the bucket ladder (see `bucket`) that holds `examples`.
+
+  Args:
+    examples: stored examples to batch together.
+    node_multiple, edge_multiple, growth: the ladders of node and edge sizes.
+    n_graph: graph budget (default: the examples plus one padding graph).
+  """
+  n = sum(len(e["atomic_numbers"]) for e in examples)
+  e = sum(len(e["senders"]) for e in examples)
+  return Budget(n_node=bucket(n + 1, node_multiple, growth),
+                n_edge=bucket(max(e, 1), edge_multiple, growth),
+                n_graph=n_graph or len(examples) + 1)
+
+
 def pack(order: np.ndarray, sizes: np.ndarray, budget: Budget
          ) -> list[np.ndarray]:
   """Greedily packs structures, in order, into batches under `budget`.

@@ -16,7 +16,7 @@ from matsci_jax.data.ase_reader import structure_from_atoms
 from matsci_jax.data.dataset_io import PointCloudSource
 from matsci_jax.data.neighbors import neighbor_list
 from matsci_jax.data.point_cloud import point_cloud
-from matsci_jax.data.structure import validate
+from matsci_jax.data.structure import Structure, validate
 
 
 def graph_from_atoms(atoms, cutoff: float = 6.0,
@@ -42,7 +42,18 @@ def graph_from_atoms(atoms, cutoff: float = 6.0,
     The example: positions float32 [N, 3], senders/receivers int32 [E], ...
     (see `matsci_jax.data.schema`).
   """
-  s = validate(structure_from_atoms(atoms, "<atoms>", 0))
+  return example_from_structure(
+      structure_from_atoms(atoms, "<atoms>", 0), cutoff, max_neighbors, task,
+      representation, num_neighbors, bulk_samples, seed)
+
+
+def example_from_structure(s: Structure, cutoff: float = 6.0,
+                           max_neighbors: Optional[int] = 50,
+                           task: str = "s2ef", representation: str = "graph",
+                           num_neighbors: int = 16, bulk_samples: int = 8,
+                           seed: int = 0) -> dict:
+  """`graph_from_atoms` for a `Structure` (as the dataset readers give)."""
+  s = validate(s)
   if representation == "graph":
     edges = neighbor_list(s.positions, s.cell, s.pbc, cutoff, max_neighbors)
     return schema.to_example(s, edges, task)

@@ -20,8 +20,13 @@ _MODELS: dict[str, type[nn.Module]] = {}
 def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
   """Class decorator that registers a Flax module under `name`."""
   def wrap(cls):
-    if name in _MODELS and _MODELS[name] is not cls:
-      raise ValueError(f"a model named {name!r} is already registered")
+    old = _MODELS.get(name)
+    # A class defined again in the same place (a re-run notebook cell)
+    # replaces its earlier self; another class may not take the name.
+    if old is not None and (old.__module__, old.__qualname__) != (
+        cls.__module__, cls.__qualname__):
+      raise ValueError(f"a model named {name!r} is already registered "
+                       f"({old.__module__}.{old.__qualname__})")
     _MODELS[name] = cls
     return cls
   return wrap

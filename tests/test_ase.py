@@ -1,0 +1,79 @@
+"""The ASE calculator: the training path's numbers, for any Atoms."""
+
+import dataclasses
+import os
+
+import ase.build
+import ase.io
+import ase.optimize
+import jax
+import numpy as np
+import pytest
+from ase.calculators.calculator import PropertyNotImplementedError
+
+from matsci_jax import checkpoints, monitoring
+from matsci_jax.ase import Calculator
+from matsci_jax.data import batching, dataset_io
+
+
+@pytest.fixture(scope="module")
+def trained(trained_s2ef):
+  return checkpoints.load(trained_s2ef)
+
+
+def _val_atoms(trained):
+  raw = os.path.join(os.path.dirname(trained.dataset), "raw", "s2ef_val.extxyz")
+  return ase.io.read(raw, ":")
+
+
+def test_calculator_gives_the_training_path_energy_and_forces(trained):
+  """Converted dataset, dataset budget, training energy function: the same
+  numbers as the calculator on the raw frames."""
+  split = dataset_io.Dataset(trained.dataset).split("val")
+  by_id = {(int(split.source[i]["sid"]), int(split.source[i]["fid"])): i
+           for i in range(len(split))}
+  budget = batching.compute_budget(split.sizes, 4)
+  fn = jax.jit(trained.energy_and_forces)
+  calc = Calculator(trained)
+  frames = _val_atoms(trained)[:4]
+  for atoms in frames:
+    example = split.source[by_id[atoms.info["sid"], atoms.info["fid"]]]
+    energies, forces = fn(trained.params, batching.collate([example], budget))
+    n = len(atoms)
+    atoms.calc = calc
+    np.testing.assert_allclose(atoms.get_potential_energy(), energies[0],
+                               rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(atoms.get_forces(apply_constraint=False),
+                               forces[:n], atol=2e-5)
+    assert np.abs(forces[:n]).max() > 1e-3  # Not trivially zero.
+
+
+def test_molecule_without_cell_and_ase_relaxation_compile_rarely(trained):
+  atoms = ase.build.molecule("CH3OH")
+  atoms.center(vacuum=1.0)
+  calc = Calculator(trained)
+  atoms.calc = calc
+  forces = atoms.get_forces()
+  assert forces.shape == (6, 3) and np.isfinite(forces).all()
+  slab = _val_atoms(trained)[0]
+  slab.rattle(0.15, seed=0)  # Constraints keep the fixed atoms in place.
+  slab.calc = calc
+  fixed = slab.constraints[0].get_indices()
+  before = slab.positions[fixed].copy()
+  compiles = monitoring.compile_count()
+  opt = ase.optimize.FIRE(slab, logfile=None)
+  opt.run(fmax=0.01, steps=30)
+  assert opt.nsteps > 5
+  # One compilation per padding bucket met, a handful for the run.
+  assert monitoring.compile_count() - compiles <= 2 * len(calc.budgets)
+  assert len(calc.budgets) <= 3
+  np.testing.assert_array_equal(slab.positions[fixed], before)
+
+
+def test_is2re_model_has_no_forces(trained):
+  calc = Calculator(dataclasses.replace(trained, task="is2re"))
+  atoms = _val_atoms(trained)[0]
+  atoms.calc = calc
+  assert np.isfinite(atoms.get_potential_energy())
+  with pytest.raises(PropertyNotImplementedError, match="IS2RE"):
+    atoms.get_forces()
