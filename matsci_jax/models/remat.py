@@ -7,6 +7,12 @@ rest is recomputed there, trading compute for activation memory:
 * "dots": keep the results of matrix multiplications;
 * "dots_no_batch": keep those without batch dimensions.
 Gradients are the same as without it, up to floating-point reordering.
+
+The saving depends on the compiler scheduling the recomputation late. GPU
+and TPU schedulers do; XLA:CPU's default one favours concurrency and
+recomputes early, which undoes it: on a CPU set
+`XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false` (see
+benchmarks/scaling.py).
 """
 
 from __future__ import annotations
