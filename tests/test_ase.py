@@ -15,9 +15,6 @@ from matsci_jax import checkpoints, monitoring
 from matsci_jax.ase import Calculator
 from matsci_jax.data import batching, dataset_io
 
-# One worker trains the `trained_s2ef` model once for these files.
-pytestmark = pytest.mark.xdist_group("trained_s2ef")
-
 
 @pytest.fixture(scope="module")
 def trained(trained_s2ef):

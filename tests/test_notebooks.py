@@ -7,9 +7,6 @@ import nbclient
 import nbformat
 import pytest
 
-# One worker: the notebooks share one dev set (see `shared_dir`).
-pytestmark = pytest.mark.xdist_group("notebooks")
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "colab", "*.ipynb")))
 

@@ -11,9 +11,6 @@ import pytest
 from matsci_jax import parallel
 from tests.conftest import REPO
 
-# One worker: these runs share the cached test dev set in ~/.cache.
-pytestmark = pytest.mark.xdist_group("devset_cache")
-
 
 def _run_checks(name: str, devices: int = 8) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu",

@@ -15,9 +15,6 @@ from matsci_jax.ase import Calculator
 from matsci_jax.data import readers
 from tests.conftest import REPO
 
-# One worker trains the `trained_s2ef` model once for these files.
-pytestmark = pytest.mark.xdist_group("trained_s2ef")
-
 
 def check_s2ef_submission(arrays, fixed_per_structure):
   """OC20 S2EF layout: ids, energy, free-atom forces, chunk boundaries."""

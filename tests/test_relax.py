@@ -10,9 +10,6 @@ import pytest
 from matsci_jax import checkpoints, relax
 from matsci_jax.ase import Calculator
 
-# One worker trains the `trained_s2ef` model once for these files.
-pytestmark = pytest.mark.xdist_group("trained_s2ef")
-
 
 @pytest.fixture(scope="module")
 def trained(trained_s2ef):

@@ -221,7 +221,6 @@ def _metric(workdir, name):
             if r["metric"] == name}
 
 
-@pytest.mark.xdist_group("devset")
 @pytest.mark.parametrize("task,model", [
     ("s2ef", "egnn"), ("s2ef", "megnet"), ("s2ef", "gala"),
     ("is2re", "egnn"), ("is2re", "megnet"), ("is2re", "gala")])

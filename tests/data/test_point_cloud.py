@@ -134,7 +134,6 @@ def test_converter_writes_point_cloud_shards(tmp_path, representation):
     assert ds.split("train", "graph").sizes[0, 1] != n_centres * K
 
 
-@pytest.mark.xdist_group("devset")
 @pytest.mark.parametrize("task", ["s2ef", "is2re"])
 def test_devset_point_cloud_batches_are_padded_rows_of_slots(devset, task):
   ds = Dataset(str(devset / task))

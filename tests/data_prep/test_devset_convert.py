@@ -7,7 +7,6 @@ from data_prep import make_devset
 from matsci_jax.data import batching, dataset_io, pipeline
 
 
-@pytest.mark.xdist_group("devset")
 def test_full_devset_sizes_and_targets(devset):
   s2ef = dataset_io.Dataset(str(devset / "s2ef"))
   is2re = dataset_io.Dataset(str(devset / "is2re"))
@@ -27,7 +26,6 @@ def test_full_devset_sizes_and_targets(devset):
   assert np.array_equal(ex["fixed"], ex["tags"] == 0)
 
 
-@pytest.mark.xdist_group("devset")
 @pytest.mark.parametrize("task", ["s2ef", "is2re"])
 @pytest.mark.parametrize("batch_size", [8, 16])
 def test_devset_padding_efficiency(devset, task, batch_size):
