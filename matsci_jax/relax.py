@@ -17,6 +17,7 @@ Fixed atoms (`FixAtoms`) get zero force and never move.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -26,6 +27,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from matsci_jax import checkpoints
 from matsci_jax.data import batching
+from matsci_jax.energy import make_energy_and_forces_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,9 +149,17 @@ class Relaxed:
   converged: bool
 
 
-def _free_forces(forces, graph):
+# Module-level jits keyed on the (hashable) model: repeated `relax` calls,
+# as `predict --relax` makes batch after batch, reuse their compilations.
+@functools.partial(jax.jit, static_argnames="model")
+def _energies_and_free_forces(model, normalizer, params, graph):
+  energies, forces = make_energy_and_forces_fn(model, normalizer)(params,
+                                                                  graph)
   free = graph.nodes["mask"] & ~graph.nodes["fixed"]
-  return jnp.where(free[:, None], forces, 0.0)
+  return energies, jnp.where(free[:, None], forces, 0.0)
+
+
+_fire_step = jax.jit(fire_step, static_argnames="params")
 
 
 def relax(trained: checkpoints.Trained, structures: Sequence, *,
@@ -174,20 +184,13 @@ def relax(trained: checkpoints.Trained, structures: Sequence, *,
   n = len(atoms)
   counts = np.array([len(a) for a in atoms])
   starts = np.concatenate([[0], np.cumsum(counts)])
-  energy_and_forces = trained.energy_and_forces
-
-  @jax.jit
-  def forces_fn(p, graph):
-    energies, forces = energy_and_forces(p, graph)
-    return energies, _free_forces(forces, graph)
-
-  step_fn = jax.jit(fire_step, static_argnames="params")
 
   def evaluate():
     examples = [trained.example(a) for a in atoms]
     budget = batching.bucket_budget(examples, n_graph=n + 1)
     graph = batching.collate(examples, budget)
-    energies, forces = forces_fn(trained.params, graph)
+    energies, forces = _energies_and_free_forces(
+        trained.model, trained.normalizer, trained.params, graph)
     return graph, energies, forces
 
   graph, energies, forces = evaluate()
@@ -205,8 +208,8 @@ def relax(trained: checkpoints.Trained, structures: Sequence, *,
       break
     active = np.concatenate([~done, [False]])
     taken += ~done
-    state = step_fn(state, forces, graph.nodes["graph"], active,
-                    params=params)
+    state = _fire_step(state, forces, graph.nodes["graph"], active,
+                       params=params)
     positions = np.asarray(state.positions, np.float64)
     for i, a in enumerate(atoms):
       if not done[i]:

@@ -7,7 +7,7 @@ import ase.optimize
 import numpy as np
 import pytest
 
-from matsci_jax import checkpoints, relax
+from matsci_jax import checkpoints, monitoring, relax
 from matsci_jax.ase import Calculator
 
 
@@ -42,6 +42,10 @@ def test_batched_fire_follows_ase_fire(trained):
 def test_relaxation_reaches_fmax_and_keeps_fixed_atoms(trained):
   structures = _initial_structures(trained, 4)
   results = relax.relax(trained, structures, fmax=0.05, steps=400)
+  # A second call on the same model reuses the compiled functions.
+  compiles = monitoring.compile_count()
+  relax.relax(trained, structures, fmax=0.05, steps=3)
+  assert monitoring.compile_count() == compiles
   for atoms, r in zip(structures, results):
     assert r.converged and r.fmax < 0.05, r
     fixed = atoms.constraints[0].get_indices()
