@@ -3,6 +3,7 @@
 import re
 
 import ase.build
+import ase.constraints
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,3 +117,20 @@ def test_public_names_resolve():
     assert getattr(mj, name) is not None, name
   for name in mj.data.__all__:
     assert getattr(mj.data, name) is not None, name
+
+
+def test_graph_from_arrays_equals_graph_from_atoms():
+  atoms = ase.build.fcc100("Pt", (2, 2, 3), vacuum=6.0)
+  ase.build.add_adsorbate(atoms, "O", 1.5, "hollow")
+  fixed = atoms.positions[:, 2] < atoms.positions[:, 2].min() + 0.5
+  atoms.set_constraint(ase.constraints.FixAtoms(mask=fixed))
+  a = mj.data.graph_from_atoms(atoms, cutoff=5.0)
+  b = mj.data.graph_from_arrays(atoms.numbers, atoms.positions,
+                                atoms.cell.array, atoms.pbc, cutoff=5.0,
+                                fixed=fixed, tags=atoms.get_tags())
+  assert set(a) == set(b)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  molecule = mj.data.graph_from_arrays([8, 1, 1], [[0, 0, 0], [0.96, 0, 0],
+                                                   [-0.24, 0.93, 0]])
+  assert len(molecule["senders"]) == 6  # Every pair, both ways, no images.

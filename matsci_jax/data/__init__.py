@@ -1,7 +1,8 @@
 """Data: readers of OC20 LMDBs and ASE files, converted datasets, batches.
 
 The pieces a research script needs most (loaded on first use):
-* `graph_from_atoms(atoms, cutoff=...)`: one structure as a stored example;
+* `graph_from_atoms(atoms, cutoff=...)`, `graph_from_arrays(numbers,
+  positions, cell, pbc, cutoff=...)`: one structure as a stored example;
 * `Budget`, `compute_budget`, `bucket_budget`: padded sizes of a batch;
 * `collate(examples, budget)`, `batch_examples(examples)`: a padded
   `jraph.GraphsTuple`;
@@ -21,6 +22,7 @@ _NAMES = {
     "batch_examples": "matsci_jax.data.graphs:batch_examples",
     "example_from_structure": "matsci_jax.data.graphs:example_from_structure",
     "graph_from_atoms": "matsci_jax.data.graphs:graph_from_atoms",
+    "graph_from_arrays": "matsci_jax.data.graphs:graph_from_arrays",
 }
 __all__ = sorted(_NAMES)
 __getattr__, __dir__ = _lazy.attach(__name__, _NAMES)

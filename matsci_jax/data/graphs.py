@@ -16,7 +16,7 @@ from matsci_jax.data.ase_reader import structure_from_atoms
 from matsci_jax.data.dataset_io import PointCloudSource
 from matsci_jax.data.neighbors import neighbor_list
 from matsci_jax.data.point_cloud import point_cloud
-from matsci_jax.data.structure import Structure, validate
+from matsci_jax.data.structure import TAG_UNKNOWN, Structure, validate
 
 
 def graph_from_atoms(atoms, cutoff: float = 6.0,
@@ -45,6 +45,34 @@ def graph_from_atoms(atoms, cutoff: float = 6.0,
   return example_from_structure(
       structure_from_atoms(atoms, "<atoms>", 0), cutoff, max_neighbors, task,
       representation, num_neighbors, bulk_samples, seed)
+
+
+def graph_from_arrays(atomic_numbers, positions, cell=None, pbc=False,
+                      cutoff: float = 6.0,
+                      max_neighbors: Optional[int] = 50,
+                      fixed=None, tags=None, task: str = "s2ef") -> dict:
+  """`graph_from_atoms` for plain arrays.
+
+  Args:
+    atomic_numbers: int [N].
+    positions: float [N, 3] in Å.
+    cell: float [3, 3] lattice vectors as rows in Å (None: no cell).
+    pbc: bool or bool [3], periodicity along each lattice vector.
+    cutoff, max_neighbors, task: as in `graph_from_atoms`.
+    fixed: bool [N], atoms held fixed (default none).
+    tags: int [N], OC20 tags (default unknown).
+  """
+  n = len(atomic_numbers)
+  s = Structure(
+      atomic_numbers=np.asarray(atomic_numbers, np.int32),
+      positions=np.asarray(positions, np.float64),
+      cell=np.zeros((3, 3)) if cell is None else np.asarray(cell, np.float64),
+      pbc=np.broadcast_to(np.asarray(pbc, bool), (3,)).copy(),
+      tags=(np.full(n, TAG_UNKNOWN, np.int32) if tags is None
+            else np.asarray(tags, np.int32)),
+      fixed=np.zeros(n, bool) if fixed is None else np.asarray(fixed, bool),
+      source=("<arrays>", 0))
+  return example_from_structure(s, cutoff, max_neighbors, task)
 
 
 def example_from_structure(s: Structure, cutoff: float = 6.0,
