@@ -1,10 +1,10 @@
 r"""Converter throughput on OC20-sized structures (about 80 atoms, 6 Å).
 
-    python benchmarks/convert_throughput.py [--workers 1 2] [--record]
+    python -m benchmarks.convert_throughput [--workers 1 2] [--record]
 
-Two inputs, each converted end to end (reading, decoding, validation, vesin
-neighbour lists with the 50-neighbour rule, serialisation, ArrayRecord
-writing and statistics):
+Run from the repository root. Two inputs, each converted end to end
+(reading, decoding, validation, vesin neighbour lists with the 50-neighbour
+rule, serialisation, ArrayRecord writing and statistics):
 * `lips`: the real matsciml LiPS LMDB (83 atoms, torch pickles), listed
   repeatedly; needs `../shared/data`.
 * `slabs`: an LMDB of 80-atom fcc(111) slabs with adsorbates, written here in
@@ -17,16 +17,14 @@ import argparse
 import json
 import os
 import pickle
-import sys
 import tempfile
 import time
 
 import lmdb
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import _results  # noqa: E402
-from data_prep import convert  # noqa: E402
+from benchmarks import _results
+from matsci_jax.data import converter
 
 
 def _write_slabs(path, n):
@@ -71,8 +69,8 @@ def main():
       for workers in args.workers:
         out = os.path.join(tmp, f"{name}-{workers}")
         t = time.perf_counter()
-        summary = convert.convert(paths, out, task="s2ef", workers=workers,
-                                  progress=False)
+        summary = converter.convert(paths, out, task="s2ef",
+                                    workers=workers, progress=False)
         seconds = time.perf_counter() - t
         n = sum(summary.counts.values())
         stats = json.load(open(os.path.join(out, "metadata.json")))
@@ -88,7 +86,7 @@ def main():
   # After the runs: importing jax starts threads, which would make the
   # converter start its workers with forkserver instead of fork.
   _results.report("convert_throughput", "Converter throughput", results,
-                  "`python benchmarks/convert_throughput.py --record`. "
+                  "`python -m benchmarks.convert_throughput --record`. "
                   "Target: 300 structures/s per core.", save=args.record)
 
 

@@ -1,6 +1,6 @@
 r"""Scaling: throughput against device count, memory against model width.
 
-    python benchmarks/scaling.py [--record] [--devices 1 2 4 8]
+    python -m benchmarks.scaling [--record] [--devices 1 2 4 8]
         [--widths 128 256 512]
 
 * throughput: S2EF steps (energy and forces) of EGNN (width 128, 3 layers,
@@ -36,7 +36,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 LIPS = os.path.join(ROOT, "..", "shared", "data", "matsciml_lips_devset")
 PER_DEVICE = 2  # LiPS cells per device and step
 
@@ -50,9 +49,9 @@ def worker(folder: str, width: int, data: int, fsdp: int, remat: str,
   import jax
 
   from configs import s2ef
-  from matsci_jax import models, monitoring, parallel, train_state, train_step
+  from matsci_jax import (models, monitoring, parallel, strategies, tasks,
+                          train_state)
   from matsci_jax.data import batching, dataset_io
-  from matsci_jax.energy import Normalizer
 
   split = dataset_io.Dataset(folder).split("train")
   n = data * fsdp
@@ -67,25 +66,22 @@ def worker(folder: str, width: int, data: int, fsdp: int, remat: str,
   model = models.get("egnn", hidden_dim=width, num_layers=3, cutoff=6.0,
                      readout_hidden=64, remat=remat)
   config = s2ef.get_config()
-  make_loss = (train_step.make_s2ef_loss if task == "s2ef"
-               else train_step.make_energy_loss)
-  loss_fn = make_loss(model, Normalizer.from_statistics(split.statistics),
-                      config.loss)
+  # Energy-only steps (first order, as IS2RE) train on the frame energies.
+  task_def = (tasks.S2EF if task == "s2ef" else
+              tasks.Task("energy", energy_target="energy", forces=False))
+  loss_fn = task_def.make_loss(
+      model, task_def.normalizer(split.statistics, model), config.loss)
   optimizer = train_state.make_optimizer(config)
-  mesh = parallel.make_mesh(data, fsdp)
+  strategy = strategies.JitStrategy(parallel.make_mesh(data, fsdp),
+                                    fsdp_min_size=2 ** 12)
   one = jax.tree_util.tree_map(lambda x: x[0], batches[0])
-
-  def create(rng):
-    return train_state.TrainState.create(model.init(rng, one), optimizer,
-                                         rng)
-
-  rng = jax.random.PRNGKey(0)
-  shardings = parallel.state_shardings(jax.eval_shape(create, rng), mesh,
-                                       fsdp=fsdp > 1, min_size=2 ** 12)
-  state = jax.jit(create, out_shardings=shardings)(rng)
-  step = parallel.make_sharded_train_step(loss_fn, optimizer, mesh, shardings,
-                                          config.optimizer.ema_decay)
-  placed = [parallel.to_global(b, mesh) for b in batches]
+  state = strategy.create_state(
+      lambda rng: train_state.TrainState.create(model.init(rng, one),
+                                                optimizer),
+      jax.random.PRNGKey(0))
+  step = strategy.make_train_step(loss_fn, optimizer,
+                                  config.optimizer.ema_decay)
+  placed = [strategy.place_train(b) for b in batches]
   memory = step.lower(state, placed[0]).compile().memory_analysis()
   state, m = step(state, placed[0])
   jax.block_until_ready(m)
@@ -99,7 +95,8 @@ def worker(folder: str, width: int, data: int, fsdp: int, remat: str,
   peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
           + memory.output_size_in_bytes - memory.alias_size_in_bytes)
   return {"task": task, "width": width, "devices": n,
-          "mesh": {"data": data, "fsdp": fsdp}, "remat": remat, "num_params": int(params),
+          "mesh": {"data": data, "fsdp": fsdp}, "remat": remat,
+          "num_params": int(params),
           "structures_per_step": n * PER_DEVICE,
           "step_time_s": round(dt, 4),
           "structures_per_s": round(n * PER_DEVICE / dt, 2),
@@ -119,7 +116,7 @@ def _run(folder, devices, width, data, fsdp, remat, steps, task="s2ef",
       flags.append(CPU_MEMORY_SCHEDULER)
     env["XLA_FLAGS"] = " ".join(flags).strip()
   out = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), "--worker", folder,
+      [sys.executable, "-m", "benchmarks.scaling", "--worker", folder,
        str(width), str(data), str(fsdp), remat or "none", str(steps), task],
       env=env, capture_output=True, text=True, cwd=ROOT)
   if out.returncode:
@@ -151,7 +148,8 @@ def main():
   if not os.path.isdir(LIPS):
     sys.exit(f"needs the LiPS fixture at {LIPS}")
   from benchmarks import _results
-  from data_prep import convert
+  from matsci_jax.data.converter import convert
+  from matsci_jax.data.graph_spec import GraphSpec
   results = {"workload": {"model": "egnn, 3 layers, 6 A",
                           "structures_per_device": PER_DEVICE,
                           "structure": "LiPS cell, 83 atoms",
@@ -160,8 +158,9 @@ def main():
              "throughput": [], "memory": []}
   with tempfile.TemporaryDirectory() as tmp:
     folder = os.path.join(tmp, "lips")
-    convert.convert([f"train={LIPS}"], folder, task="s2ef", cutoff=6.0,
-                    max_neighbors=0, workers=1, progress=False)
+    convert([f"train={LIPS}"], folder, task="s2ef",
+            graph_spec=GraphSpec(cutoff=6.0, max_neighbors=0), workers=1,
+            progress=False)
     for n in args.devices:
       results["throughput"].append(
           _run(folder, n, 128, n, 1, "", args.steps))
@@ -177,7 +176,7 @@ def main():
                                         1, remat, 2, task, False))
   _results.report(
       "scaling", "Scaling: devices and memory", results,
-      "`python benchmarks/scaling.py --record`. On a CPU the devices are "
+      "`python -m benchmarks.scaling --record`. On a CPU the devices are "
       "simulated and share its cores, so throughput cannot grow with their "
       "number there; the memory figures are XLA's per-device compiled "
       "sizes, which do not depend on that. Memory runs on a CPU use its "

@@ -1,6 +1,6 @@
 r"""Training throughput of S2EF steps (energy + forces) on a fixed workload.
 
-    python benchmarks/train_throughput.py [--models egnn megnet gala] [--record]
+    python -m benchmarks.train_throughput [--models egnn megnet gala] [--record]
 
 Workload: batches of 8 LiPS cells (83 atoms each, 664 atoms, about 28,400
 periodic edges within 6 Å), the workload the Open MatSci ML Toolkit's EGNN
@@ -35,15 +35,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import _results  # noqa: E402
-from configs import models as models_config  # noqa: E402
-from configs import s2ef  # noqa: E402
-from data_prep import convert  # noqa: E402
-from matsci_jax import models, monitoring, train_state, train_step  # noqa: E402
-from matsci_jax.data import batching, dataset_io  # noqa: E402
-from matsci_jax.energy import Normalizer  # noqa: E402
-from matsci_jax.models import egnn, geometry  # noqa: E402
+from benchmarks import _results
+from configs import models as models_config
+from configs import s2ef
+from matsci_jax import models, monitoring, strategies, tasks, train_state
+from matsci_jax.data import batching, dataset_io
+from matsci_jax.data.converter import convert
+from matsci_jax.data.graph_spec import GraphSpec, PointCloudSpec
+from matsci_jax.models import egnn
 
 LIPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))), "..", "shared", "data", "matsciml_lips_devset")
@@ -79,47 +78,48 @@ def _batches(split, batch, multiple=1):
   return budget, batches
 
 
-# name -> (model kwargs, representation)
+# name -> model kwargs
 RUNS = {
-    "egnn": (dict(name="egnn", hidden_dim=128, num_layers=3, cutoff=6.0,
-                  readout_hidden=64), "graph"),
-    "egnn_textbook": (dict(name="egnn", hidden_dim=128, num_layers=3,
-                           cutoff=6.0, readout_hidden=64), "graph"),
-    "megnet": (dict(models_config.model_config("megnet", "s2ef")), "graph"),
-    "gala": (dict(models_config.model_config("gala", "s2ef")), "point_cloud"),
-    "gala_one_pass": (dict(models_config.model_config("gala", "s2ef"),
-                           pairs_per_chunk=0), "point_cloud"),
+    "egnn": dict(name="egnn", hidden_dim=128, num_layers=3, cutoff=6.0,
+                 readout_hidden=64),
+    "egnn_textbook": dict(name="egnn", hidden_dim=128, num_layers=3,
+                          cutoff=6.0, readout_hidden=64),
+    "megnet": dict(models_config.model_config("megnet", "s2ef")),
+    "gala": dict(models_config.model_config("gala", "s2ef")),
+    "gala_one_pass": dict(models_config.model_config("gala", "s2ef"),
+                          pairs_per_chunk=0),
 }
 
 
-def _run(name, split, stats, batch, steps, config):
-  kwargs, representation = RUNS[name]
-  kwargs = dict(kwargs)
-  model = models.get(kwargs.pop("name"), **kwargs)
-  multiple = kwargs.get("num_neighbors", 1)
-  budget, batches = _batches(split, batch, multiple)
+def _run(name, split, batch, steps, config):
+  """Steps of the trainer's own pieces: its task loss, optimizer and device
+  strategy (`config.mesh`, one device on a CPU)."""
+  model = models.from_config(RUNS[name])
+  budget, batches = _batches(split, batch, RUNS[name].get("num_neighbors", 1))
   textbook = name.endswith("textbook")
   if textbook:
     egnn_layer = egnn.EGNNLayer
     egnn.EGNNLayer = TextbookEGNNLayer
   try:
-    normalizer = Normalizer.from_statistics(stats)
-    loss_fn = train_step.make_s2ef_loss(model, normalizer, config.loss)
+    loss_fn = tasks.S2EF.make_loss(
+        model, tasks.S2EF.normalizer(split.statistics, model), config.loss)
     optimizer = train_state.make_optimizer(config)
-    step = jax.jit(train_step.make_train_step(loss_fn, optimizer),
-                   donate_argnums=0)
-    params = model.init(jax.random.PRNGKey(0), batches[0])
-    state = train_state.TrainState.create(params, optimizer,
-                                          jax.random.PRNGKey(1))
-    memory = step.lower(state, batches[0]).compile().memory_analysis()
+    strategy = strategies.from_config(config)
+    state = strategy.create_state(
+        lambda rng: train_state.TrainState.create(
+            model.init(rng, batches[0]), optimizer), jax.random.PRNGKey(0))
+    step = strategy.make_train_step(loss_fn, optimizer,
+                                    config.optimizer.ema_decay)
+    placed = [strategy.place_train(b) for b in batches]
+    memory = step.lower(state, placed[0]).compile().memory_analysis()
     t0 = time.perf_counter()
-    state, m = step(state, batches[0])
+    state, m = step(state, placed[0])
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
     warm = monitoring.compile_count()
     t0 = time.perf_counter()
     for k in range(steps):
-      state, m = step(state, batches[k % len(batches)])
+      state, m = step(state, placed[k % len(placed)])
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t0) / steps
   finally:
@@ -131,9 +131,9 @@ def _run(name, split, stats, batch, steps, config):
     peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
             + memory.output_size_in_bytes - memory.alias_size_in_bytes)
   return {
-      "model": name, "representation": representation,
+      "model": name, "representation": model.representation,
       "num_params": int(sum(x.size for x in jax.tree_util.tree_leaves(
-          params))),
+          strategy.host_state(state).params))),
       "atoms_per_batch": real,
       "edges_per_batch": int(batches[0].edges["mask"].sum()),
       "budget": dataclasses.asdict(budget),
@@ -164,18 +164,20 @@ def main():
                           "structure": "LiPS cell, 83 atoms", "cutoff": 6.0},
              "runs": []}
   with tempfile.TemporaryDirectory() as tmp:
-    convert.convert([f"train={LIPS}"], os.path.join(tmp, "lips"),
-                    task="s2ef", cutoff=6.0, max_neighbors=0, workers=1,
-                    progress=False, representation="both", pc_neighbors=16)
+    spec = GraphSpec(cutoff=6.0, max_neighbors=0, representation="both",
+                     point_cloud=PointCloudSpec(cutoff=6.0, num_neighbors=16))
+    convert([f"train={LIPS}"], os.path.join(tmp, "lips"), task="s2ef",
+            graph_spec=spec, workers=1, progress=False)
     data = dataset_io.Dataset(os.path.join(tmp, "lips"))
     for name in args.models:
-      split = data.split("train", RUNS[name][1])
-      results["runs"].append(_run(name, split, split.statistics, args.batch,
-                                  args.steps, config))
+      reads = models.model_class(RUNS[name]["name"]).representation
+      split = data.split("train", reads)
+      results["runs"].append(_run(name, split, args.batch, args.steps,
+                                  config))
       print(json.dumps(results["runs"][-1]), flush=True)
   _results.report(
       "train_throughput", "Training throughput (S2EF with forces)", results,
-      "`python benchmarks/train_throughput.py --record`. Reference: the "
+      "`python -m benchmarks.train_throughput --record`. Reference: the "
       "Open MatSci ML Toolkit's EGNN trains at about 4 structures/s on 2 "
       "CPU cores on this workload (target: at least 12); its GALA needed "
       "12.7 s and 2.3 GB for one 83-atom energy and could not do forces.",

@@ -5,17 +5,19 @@ r"""IS2RE: initial structure to relaxed energy, as a direct regression.
 
 Default data: the built-in dev set's IS2RE split (270 train, 30 val systems),
 built on first use. Hardware: a laptop CPU (two cores): about 1.5 minutes
-for EGNN, 5 for MegNet, 6.5 for GALA. Metrics: energy MAE and EwT (|error| < 0.02 eV) on
-the relaxed energy, OC20's definitions. Point `data.path` at any dataset
-converted with `--task is2re`.
+for EGNN, 5 for MegNet, 6.5 for GALA. Metrics: energy MAE and EwT
+(|error| < 0.02 eV) on the relaxed energy, OC20's definitions. Point
+`data.path` at any dataset converted with `--task is2re`.
 """
 
-from configs import s2ef
+from matsci_jax import config_files
+
+s2ef = config_files.sibling(__file__, "s2ef")
+models = config_files.sibling(__file__, "models")
 
 
 def get_config(model: str = "egnn"):
   config = s2ef.get_config(model)
-  from configs import models
   config.data.task = "is2re"
   config.model = models.model_config(model, "is2re")
   # Relaxed energies only: no forces; per-structure MAE in eV.

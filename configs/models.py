@@ -60,5 +60,7 @@ def model_config(name: str, task: str) -> ml_collections.ConfigDict:
 
 
 def representation(name: str) -> str:
-  """The input representation a model config reads."""
-  return "point_cloud" if _MODELS[name]["name"] == "gala" else "graph"
+  """The input representation ("graph" or "point_cloud") that model config
+  `name` reads, as its model class declares it."""
+  from matsci_jax import models
+  return models.model_class(_MODELS[name]["name"]).representation

@@ -16,7 +16,9 @@ train on other data, e.g. `--config.data.path=/data/oc20/s2ef_200k`.
 
 import ml_collections
 
-from configs import models
+from matsci_jax import config_files
+
+models = config_files.sibling(__file__, "models")
 
 
 def get_config(model: str = "egnn") -> ml_collections.ConfigDict:
@@ -39,8 +41,6 @@ def get_config(model: str = "egnn") -> ml_collections.ConfigDict:
   config.data.num_workers = 0  # grain worker processes (0: threads only)
   config.data.prefetch = 2
   config.data.seed = 0
-  # "graph" edges, or "point_cloud" slots (GALA); set by the model choice.
-  config.data.representation = models.representation(model)
 
   # Model (see configs/models.py).
   config.model = models.model_config(model, "s2ef")

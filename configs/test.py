@@ -8,7 +8,10 @@ Hardware: any CPU; about 20 s, mostly compilation. Tests point `data.path`
 at a small converted dataset.
 """
 
-from configs import is2re, s2ef
+from matsci_jax import config_files
+
+is2re = config_files.sibling(__file__, "is2re")
+s2ef = config_files.sibling(__file__, "s2ef")
 
 # Tiny sizes per model, so that every model runs in seconds.
 _TINY = {

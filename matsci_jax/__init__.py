@@ -13,24 +13,32 @@
     atoms.calc = mj.ase.Calculator(trained)   # an ASE calculator
     relaxed = mj.relax.relax(trained, [atoms])
 
-Modules: `models` (registry and the EGNN, MegNet and GALA modules), `data`
-(readers, converted datasets, graphs and padded batches), `losses`,
-`metrics` (OC20 metrics), `parallel` (meshes and sharded steps), `ase`
-(calculator), `relax` (batched FIRE), `checkpoints`, `train` (the training
-job) and `predict` (the prediction command). Attributes load on first use,
+Modules: `models` (the model contract, registry and the EGNN, MegNet and
+GALA modules), `data` (readers, converted datasets, graph specs, graphs and
+padded batches), `tasks` (S2EF, IS2RE), `losses`, `metrics` (OC20
+metrics), `inputs` (a config's dataset and batches), `parallel` (meshes and
+sharded steps), `strategies` (device strategies), `ase` (calculator),
+`relax` (batched FIRE), `checkpoints` (the run folder and `load`),
+`config_files`, `train` (the training job) and `predict` (the prediction
+command). Attributes load on first use,
 so that `import matsci_jax` stays cheap.
 """
 
-from matsci_jax import _compat  # noqa: F401  (must run before jraph is used)
-from matsci_jax import _lazy
+from matsci_jax import _malloc
+
+_malloc.tune()  # Before jax starts its threads; see _malloc.py.
+
+from matsci_jax import _compat  # noqa: E402, F401  (before jraph is used)
+from matsci_jax import _lazy  # noqa: E402
 
 __version__ = "0.1.0"
 
 _NAMES = {
     # Modules.
     **{m: f"matsci_jax.{m}" for m in (
-        "ase", "checkpoints", "data", "losses", "metrics", "models",
-        "parallel", "predict", "relax", "train")},
+        "ase", "checkpoints", "config_files", "data", "inputs", "losses",
+        "metrics", "models", "parallel", "predict", "relax", "strategies",
+        "tasks", "train")},
     # A trained model.
     "load": "matsci_jax.checkpoints:load",
     "Trained": "matsci_jax.checkpoints:Trained",

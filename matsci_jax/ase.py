@@ -46,7 +46,7 @@ class Calculator(ase_calculator.Calculator):
                                      precision=precision))
     self._ladder = dict(node_multiple=node_multiple,
                         edge_multiple=edge_multiple, growth=growth)
-    if self.trained.task == "s2ef":
+    if self.trained.task.forces:
       self.implemented_properties = ["energy", "free_energy", "forces"]
       self._fn = jax.jit(self.trained.energy_and_forces)
     else:
@@ -59,7 +59,7 @@ class Calculator(ase_calculator.Calculator):
     if name not in self.implemented_properties and name == "forces":
       raise ase_calculator.PropertyNotImplementedError(
           f"the model in {self.trained.workdir} was trained on "
-          f"{self.trained.task.upper()} (relaxed energies), which has no "
+          f"{self.trained.task.name.upper()} (relaxed energies), which has no "
           "forces")
     return super().get_property(name, atoms, allow_calculation)
 

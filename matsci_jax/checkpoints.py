@@ -1,13 +1,18 @@
-"""Loading a trained model from a training run's workdir.
+"""A training run's folder: written and read back here, side by side.
+
+    runs/<name>/
+      model.json      model config, task, normaliser, graph settings, dataset
+      config.json     the run's full config
+      checkpoints/    orbax: the latest few training states and data positions
+      best/           orbax: the best state by `config.train.best_metric`
+      metrics.json    final metrics; metrics.csv, tensorboard/ (monitoring)
+
+`RunFolder` writes and reads the JSON files, `Checkpoints` saves and
+restores training states, and `load` turns a folder into a `Trained` model
+on one device, whatever mesh or device count wrote it:
 
     trained = checkpoints.load("runs/20261201-120000")
     energies, forces = trained.energy_and_forces(trained.params, graph)
-
-A workdir (written by `train.train_and_evaluate`) holds `model.json` (model
-config, task, normaliser, dataset cutoff), `config.json`, and orbax
-checkpoints of the whole training state under `checkpoints/<step>` and
-`best/<step>`. Loading restores one of them onto a single device, whatever
-mesh or device count wrote it.
 """
 
 from __future__ import annotations
@@ -18,93 +23,27 @@ import os
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from matsci_jax import models
-from matsci_jax.data import graphs
+from matsci_jax import models, tasks
+from matsci_jax.models import precision as precision_lib
 from matsci_jax.data.ase_reader import structure_from_atoms
+from matsci_jax.data.graph_spec import GraphSpec
 from matsci_jax.data.structure import Structure
 from matsci_jax.energy import (Normalizer, make_atom_energies_fn,
                                make_energy_and_forces_fn, make_energy_fn)
 
 MODEL_FILE = "model.json"
 CONFIG_FILE = "config.json"
-PRECISIONS = ("float32", "bf16")
+RESULT_FILE = "metrics.json"
+LATEST_DIR = "checkpoints"
+BEST_DIR = "best"
+_MODEL_FIELDS = ("model", "task", "normalizer", "cutoff")
 
 
 class CheckpointError(ValueError):
   """A path that is not a training workdir, or a checkpoint that is absent."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Trained:
-  """A trained model, ready to predict.
-
-  Attributes:
-    model: the Flax module (its `dtype` follows the requested precision).
-    params: model variables ({"params": ...}), on one device.
-    normalizer: maps model outputs to energies in eV.
-    config: the run's full config.
-    task: "s2ef" or "is2re".
-    step: training step of the restored checkpoint.
-    cutoff: radius in Å of the dataset's graph edges, which the model expects.
-    max_neighbors: the dataset's neighbour cap per atom (0: none).
-    representation: "graph" or "point_cloud", what the model reads.
-    point_cloud: the dataset's point-cloud settings (cutoff, num_neighbors,
-      bulk_samples, seed), or None.
-    dataset: the converted dataset folder it was trained on.
-    workdir: the run's folder.
-  """
-  model: Any
-  params: Any
-  normalizer: Normalizer
-  config: ml_collections.ConfigDict
-  task: str
-  step: int
-  cutoff: float
-  max_neighbors: int
-  representation: str
-  point_cloud: dict | None
-  dataset: str
-  workdir: str
-
-  def example(self, structure) -> dict:
-    """A structure as the stored example this model reads.
-
-    Args:
-      structure: `ase.Atoms` or `matsci_jax.data.structure.Structure`.
-
-    Returns:
-      Its graph (the dataset's cutoff and neighbour cap) or point cloud
-      (the dataset's point-cloud settings), as `batching.collate` takes it.
-    """
-    if not isinstance(structure, Structure):
-      structure = structure_from_atoms(structure, "<atoms>", 0)
-    if self.representation == "point_cloud":
-      pc = self.point_cloud or {}
-      return graphs.example_from_structure(
-          structure, pc.get("cutoff", self.cutoff), None, self.task,
-          "point_cloud", pc.get("num_neighbors", 16),
-          pc.get("bulk_samples", 8), pc.get("seed", 0))
-    return graphs.example_from_structure(
-        structure, self.cutoff, self.max_neighbors or None, self.task)
-
-  @property
-  def energy_fn(self) -> Callable:
-    """`energy_fn(params, graph) -> float32 [n_graph]` energies in eV."""
-    return make_energy_fn(self.model, self.normalizer)
-
-  @property
-  def atom_energies(self) -> Callable:
-    """`fn(params, graph) -> float32 [n_node]` per-atom energies in eV."""
-    return make_atom_energies_fn(self.model, self.normalizer)
-
-  @property
-  def energy_and_forces(self) -> Callable:
-    """`fn(params, graph) -> (energies [n_graph] eV, forces [n_node, 3] eV/Å)`."""
-    return make_energy_and_forces_fn(self.model, self.normalizer)
 
 
 def _tuples(value):
@@ -122,6 +61,184 @@ def _read_json(path: str) -> dict:
       return json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def _write_json(path: str, obj) -> None:
+  """Whole or not at all: a reader never sees half a file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+class RunFolder:
+  """The files of one training run.
+
+  Only process 0 writes the JSON files (`writer`); every process reads.
+  """
+
+  def __init__(self, path: str):
+    self.path = os.path.abspath(os.path.expanduser(path))
+    self.writer = jax.process_index() == 0
+
+  def file(self, name: str) -> str:
+    return os.path.join(self.path, name)
+
+  def create(self) -> "RunFolder":
+    os.makedirs(self.path, exist_ok=True)
+    return self
+
+  def write_model(self, model_config, task: tasks.Task,
+                  normalizer: Normalizer, graph_spec: GraphSpec,
+                  dataset: str, num_params: int) -> None:
+    """What `load` needs to rebuild the model and its inputs."""
+    if self.writer:
+      _write_json(self.file(MODEL_FILE), {
+          "model": model_config.to_dict(), "task": task.name,
+          "normalizer": normalizer.to_dict(), "dataset": dataset,
+          **graph_spec.to_dict(), "num_params": num_params})
+
+  def read_model(self) -> dict:
+    """model.json, with its graph settings as `graph_spec` and its task as
+    a `tasks.Task`."""
+    path = self.file(MODEL_FILE)
+    info = _read_json(path)
+    missing = [k for k in _MODEL_FIELDS if k not in info]
+    if missing:
+      raise CheckpointError(f"{path} lacks {', '.join(missing)}")
+    info["graph_spec"] = GraphSpec.from_dict(info)
+    info["task"] = tasks.get(info["task"])
+    return info
+
+  def write_config(self, config: ml_collections.ConfigDict) -> None:
+    if self.writer:
+      tmp = self.file(CONFIG_FILE) + ".tmp"
+      with open(tmp, "w") as f:
+        f.write(config.to_json_best_effort(indent=1))
+      os.replace(tmp, self.file(CONFIG_FILE))
+
+  def read_config(self) -> ml_collections.ConfigDict:
+    """The run's config (empty when the run did not record it)."""
+    path = self.file(CONFIG_FILE)
+    return ml_collections.ConfigDict(
+        _tuples(_read_json(path)) if os.path.exists(path) else {})
+
+  def write_result(self, result: dict) -> None:
+    if self.writer:
+      _write_json(self.file(RESULT_FILE), result)
+
+  def checkpoints(self, keep: int, best_metric: str) -> "Checkpoints":
+    return Checkpoints(self.path, keep, best_metric)
+
+
+class Checkpoints:
+  """Saves and restores training states in a run folder.
+
+  `checkpoints/` keeps the latest `keep` states with the data iterator's
+  position (so a resumed run reads the same batches); `best/` keeps the
+  state with the lowest `best_metric` among evaluated steps. Every process
+  calls `save` (arrays are written by the processes that hold them).
+  """
+
+  def __init__(self, workdir: str, keep: int, best_metric: str):
+    self.best_metric = best_metric
+    self.latest = ocp.CheckpointManager(
+        os.path.join(workdir, LATEST_DIR),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_names=("state", "data"))
+    self.best = ocp.CheckpointManager(
+        os.path.join(workdir, BEST_DIR),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True,
+            best_fn=lambda m: m[best_metric], best_mode="min"),
+        item_names=("state",))
+
+  def latest_step(self) -> int | None:
+    return self.latest.latest_step()
+
+  def restore(self, step: int, state: Any) -> tuple[Any, Any]:
+    """(state, data position) of `step`, in the shardings of `state`
+    (restoring into them reshards a checkpoint written on another mesh)."""
+    restored = self.latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state), data=ocp.args.JsonRestore()))
+    return restored.state, restored.data
+
+  def save(self, step: int, state: Any, data: Any,
+           eval_results: dict | None = None) -> None:
+    """Saves `state` and the data position; also as the best state when
+    `eval_results` hold the best metric."""
+    self.latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)))
+    if eval_results and self.best_metric in eval_results:
+      self.best.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state)), metrics=eval_results)
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  """A trained model, ready to predict.
+
+  Attributes:
+    model: the Flax module (its `dtype` follows the requested precision).
+    params: model variables ({"params": ...}), on one device.
+    normalizer: maps model outputs to energies in eV.
+    config: the run's full config.
+    task: the `tasks.Task` it was trained on.
+    step: training step of the restored checkpoint.
+    graph_spec: how its input graphs or point clouds are built (the
+      training dataset's cutoff, neighbour cap and slots).
+    dataset: the converted dataset folder it was trained on.
+    workdir: the run's folder.
+  """
+  model: Any
+  params: Any
+  normalizer: Normalizer
+  config: ml_collections.ConfigDict
+  task: tasks.Task
+  step: int
+  graph_spec: GraphSpec
+  dataset: str
+  workdir: str
+
+  def example(self, structure) -> dict:
+    """A structure as the stored example this model reads.
+
+    Args:
+      structure: `ase.Atoms` or `matsci_jax.data.structure.Structure`.
+
+    Returns:
+      Its graph or point cloud (`graph_spec`), as `batching.collate`
+      takes it.
+    """
+    if not isinstance(structure, Structure):
+      structure = structure_from_atoms(structure, "<atoms>", 0)
+    return self.graph_spec.example(structure, self.task.name)
+
+  @property
+  def energy_fn(self) -> Callable:
+    """`energy_fn(params, graph) -> float32 [n_graph]` energies in eV."""
+    return make_energy_fn(self.model, self.normalizer)
+
+  @property
+  def atom_energies(self) -> Callable:
+    """`fn(params, graph) -> float32 [n_node]` per-atom energies in eV."""
+    return make_atom_energies_fn(self.model, self.normalizer)
+
+  @property
+  def energy_and_forces(self) -> Callable:
+    """`fn(params, graph) -> (energies, forces)`.
+
+    Energies are [n_graph] in eV, forces [n_node, 3] in eV/Å.
+    """
+    return make_energy_and_forces_fn(self.model, self.normalizer)
 
 
 def _locate(path: str) -> tuple[str, str | None, int | None]:
@@ -148,6 +265,21 @@ def _steps(folder: str) -> list[int]:
   return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
 
 
+def _restore_on_one_device(folder: str, step: int) -> dict:
+  """A saved training state, whatever its shardings, on the first device."""
+  manager = ocp.CheckpointManager(
+      folder, item_handlers={"state": ocp.StandardCheckpointHandler()})
+  metadata = manager.item_metadata(step)["state"]
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      metadata)
+  state = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target))).state
+  manager.close()
+  return state
+
+
 def load(path: str, *, checkpoint: str | int = "best", ema: bool = True,
          precision: str | None = None) -> Trained:
   """Loads a trained model from a workdir or one of its checkpoints.
@@ -168,20 +300,14 @@ def load(path: str, *, checkpoint: str | int = "best", ema: bool = True,
     CheckpointError: not a workdir, or the checkpoint is absent.
   """
   workdir, folder, step = _locate(path)
-  info = _read_json(os.path.join(workdir, MODEL_FILE))
-  missing = [k for k in ("model", "task", "normalizer", "cutoff")
-             if k not in info]
-  if missing:
-    raise CheckpointError(f"{os.path.join(workdir, MODEL_FILE)} lacks "
-                          f"{', '.join(missing)}")
-  config_path = os.path.join(workdir, CONFIG_FILE)
-  config = ml_collections.ConfigDict(
-      _tuples(_read_json(config_path)) if os.path.exists(config_path) else {})
+  run = RunFolder(workdir)
+  info = run.read_model()
+  config = run.read_config()
   if folder is None:
-    if checkpoint == "best" and _steps(os.path.join(workdir, "best")):
-      folder = os.path.join(workdir, "best")
+    if checkpoint == "best" and _steps(run.file(BEST_DIR)):
+      folder = run.file(BEST_DIR)
     else:
-      folder = os.path.join(workdir, "checkpoints")
+      folder = run.file(LATEST_DIR)
       if checkpoint not in ("best", "latest"):
         step = int(checkpoint)
   available = _steps(folder)
@@ -190,30 +316,13 @@ def load(path: str, *, checkpoint: str | int = "best", ema: bool = True,
   step = available[-1] if step is None else step
   if step not in available:
     raise CheckpointError(f"{folder} has no step {step}; it has {available}")
-
-  manager = ocp.CheckpointManager(
-      folder, item_handlers={"state": ocp.StandardCheckpointHandler()})
-  metadata = manager.item_metadata(step)["state"]
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-      metadata)
-  state = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target))).state
-  manager.close()
+  state = _restore_on_one_device(folder, step)
 
   model = models.from_config(ml_collections.ConfigDict(_tuples(info["model"])))
-  precision = precision or config.get("precision", "float32")
-  if precision not in PRECISIONS:
-    raise ValueError(f"precision must be one of {PRECISIONS}, got "
-                     f"{precision!r}")
-  if precision == "bf16":
-    model = model.clone(dtype=jnp.bfloat16)
+  model = precision_lib.apply(
+      model, precision or config.get("precision", "float32"))
   return Trained(
       model=model, params=state["ema_params" if ema else "params"],
       normalizer=Normalizer.from_dict(info["normalizer"]), config=config,
-      task=info["task"], step=step, cutoff=float(info["cutoff"]),
-      max_neighbors=int(info.get("max_neighbors") or 0),
-      representation=info.get("representation", "graph"),
-      point_cloud=info.get("point_cloud"),
+      task=info["task"], step=step, graph_spec=info["graph_spec"],
       dataset=info.get("dataset", ""), workdir=workdir)

@@ -14,7 +14,6 @@ that grows with the slab and that an intensive readout cannot cancel.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import flax
@@ -132,7 +131,7 @@ def make_atom_energies_fn(model, normalizer: Normalizer) -> Callable:
   Per-atom energy contributions in eV (zero on padding atoms), which sum to
   `make_energy_fn`'s structure energies. Only per-atom models have them.
   """
-  if getattr(model, "per_graph_output", False):
+  if model.per_graph_output:
     raise ValueError(f"{type(model).__name__} predicts one energy per "
                      "structure; it has no per-atom contributions")
 
@@ -153,7 +152,7 @@ def make_energy_fn(model, normalizer: Normalizer) -> Callable:
   `per_graph_output = True` (non-extensive readouts).
   """
 
-  per_graph = getattr(model, "per_graph_output", False)
+  per_graph = model.per_graph_output
 
   def energy_fn(params, graph: jraph.GraphsTuple, positions=None):
     out = model.apply(params, graph, positions).astype(jnp.float32)
@@ -196,16 +195,3 @@ def make_energy_and_forces_fn(model, normalizer: Normalizer) -> Callable:
     return energies, forces
 
   return energy_and_forces
-
-
-@dataclasses.dataclass(frozen=True)
-class Predictor:
-  """A model with its normaliser: what a checkpoint needs to predict."""
-  model: object
-  normalizer: Normalizer
-
-  def energy_fn(self):
-    return make_energy_fn(self.model, self.normalizer)
-
-  def energy_and_forces_fn(self):
-    return make_energy_and_forces_fn(self.model, self.normalizer)

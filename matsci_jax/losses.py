@@ -70,5 +70,6 @@ def force_loss(pred, graph, scale, kind: str = "l2mae",
   elif kind == "mse":
     values = jnp.mean(err * err, axis=-1)
   else:
-    raise ValueError(f"force loss must be 'l2mae', 'mae' or 'mse', got {kind!r}")
+    raise ValueError("force loss must be 'l2mae', 'mae' or 'mse', "
+                     f"got {kind!r}")
   return _masked_mean(values, mask, count)

@@ -88,10 +88,6 @@ def mesh_from_config(config) -> Mesh:
   return make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
 
 
-def num_devices(mesh: Mesh) -> int:
-  return int(np.prod(list(mesh.shape.values())))
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Stacked batches: the leading (device) axis over both mesh axes."""
   return NamedSharding(mesh, P(AXES))

@@ -94,13 +94,14 @@ def predict(trained: checkpoints.Trained, structures, *, batch_size: int = 16,
     (rows, arrays): one dict per structure for the table, and the
     submission arrays (see the module docstring).
   """
-  s2ef = trained.task == "s2ef"
+  s2ef = trained.task.forces
   if relaxation is not None and not s2ef:
     raise ValueError(f"--relax needs an S2EF model (forces); "
-                     f"{trained.workdir} was trained on {trained.task}")
+                     f"{trained.workdir} was trained on {trained.task.name}")
   fn = jax.jit(trained.energy_and_forces if s2ef
                else lambda p, g: (trained.energy_fn(p, g), None))
-  rows, energies, forces, free_counts, positions, counts = [], [], [], [], [], []
+  rows, energies, forces, free_counts = [], [], [], []
+  positions, counts = [], []
   index = 0
   for group in _batches(structures, batch_size):
     if relaxation is not None:

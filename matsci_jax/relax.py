@@ -177,9 +177,9 @@ def relax(trained: checkpoints.Trained, structures: Sequence, *,
   Returns:
     One `Relaxed` per structure, in order.
   """
-  if trained.task != "s2ef":
+  if not trained.task.forces:
     raise ValueError(f"relaxation needs forces; the model in "
-                     f"{trained.workdir} was trained on {trained.task}")
+                     f"{trained.workdir} was trained on {trained.task.name}")
   atoms = [a.copy() for a in structures]
   n = len(atoms)
   counts = np.array([len(a) for a in atoms])

@@ -19,20 +19,18 @@ class TrainState:
     params: model variables ({"params": ...}).
     opt_state: optax state.
     ema_params: exponential moving average of `params`, used for evaluation.
-    rng: PRNG key for stochastic layers and data augmentation.
   """
   step: jax.Array
   params: Any
   opt_state: Any
   ema_params: Any
-  rng: jax.Array
 
   @classmethod
-  def create(cls, params, optimizer: optax.GradientTransformation,
-             rng: jax.Array) -> "TrainState":
+  def create(cls, params,
+             optimizer: optax.GradientTransformation) -> "TrainState":
     return cls(step=jnp.zeros((), jnp.int32), params=params,
                opt_state=optimizer.init(params),
-               ema_params=jax.tree_util.tree_map(jnp.copy, params), rng=rng)
+               ema_params=jax.tree_util.tree_map(jnp.copy, params))
 
 
 def learning_rate_schedule(config) -> optax.Schedule:

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import optax
 
 from matsci_jax import losses, metrics
-from matsci_jax.energy import Normalizer, make_energy_and_forces_fn, make_energy_fn
+from matsci_jax.energy import (Normalizer, make_energy_and_forces_fn,
+                               make_energy_fn)
 from matsci_jax.train_state import TrainState
 
 
@@ -131,7 +132,7 @@ def apply_gradients(state: TrainState, grads, loss, terms: dict,
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                   ema_params=ema, rng=jax.random.fold_in(state.rng, 1))
+                   ema_params=ema)
   # A non-finite step changes nothing; the host stops the run.
   new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new,
                                state)

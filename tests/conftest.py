@@ -35,18 +35,18 @@ def shared_data() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def devset(tmp_path_factory) -> pathlib.Path:
   """The full built-in dev set (about 15 s on two cores), built once."""
-  from data_prep import make_devset
+  from matsci_jax.data.devset import build_devset
   out = tmp_path_factory.mktemp("devset") / "devset"
-  make_devset.build_devset(out, progress=False)
+  build_devset(out, progress=False)
   return out
 
 
 @pytest.fixture(scope="session")
 def small_devset(tmp_path_factory) -> pathlib.Path:
   """A 12-system dev set (a few seconds), for training tests."""
-  from data_prep import make_devset
+  from matsci_jax.data.devset import build_devset
   out = tmp_path_factory.mktemp("small_devset") / "devset"
-  make_devset.build_devset(out, num_systems=12, workers=1, progress=False)
+  build_devset(out, num_systems=12, workers=1, progress=False)
   return out
 
 

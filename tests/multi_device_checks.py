@@ -99,8 +99,7 @@ def check_step() -> dict:
   model, loss_fn, optimizer = setup()
   merged = batch_examples(exs)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), merged)
-  state = train_state.TrainState.create(params, optimizer,
-                                        jax.random.PRNGKey(1))
+  state = train_state.TrainState.create(params, optimizer)
   single = jax.jit(train_step.make_train_step(loss_fn, optimizer))
   ref_state, ref_metrics = single(state, merged)
   ref_grads = jax.grad(lambda p: loss_fn(p, merged)[0])(params)
@@ -180,8 +179,7 @@ def check_checkpoint(tmp: str) -> dict:
   exs = examples()
   model, _, optimizer = setup(dict(hidden_dim=64))
   params = jax.jit(model.init)(jax.random.PRNGKey(0), batch_examples(exs))
-  state = train_state.TrainState.create(params, optimizer,
-                                        jax.random.PRNGKey(1))
+  state = train_state.TrainState.create(params, optimizer)
   mesh = parallel.make_mesh(2, 4)
   saved = jax.device_put(state, parallel.state_shardings(
       state, mesh, fsdp=True, min_size=64))
@@ -247,18 +245,16 @@ def check_two_processes(process_id: str, port: str) -> dict:
   model, loss_fn, optimizer = setup()
   merged = batch_examples(exs)
 
-  def create(rng):
+  def create():
     params = model.init(jax.random.PRNGKey(0), merged)
-    return train_state.TrainState.create(params, optimizer, rng)
+    return train_state.TrainState.create(params, optimizer)
 
-  here = jax.local_devices()[0]
-  rng = jax.device_put(jax.random.PRNGKey(1), here)
-  ref_state, ref_metrics = jax.jit(train_step.make_train_step(
-      loss_fn, optimizer))(jax.jit(create)(rng),
-                           jax.device_put(merged, here))
+  with jax.default_device(jax.local_devices()[0]):
+    ref_state, ref_metrics = jax.jit(train_step.make_train_step(
+        loss_fn, optimizer))(jax.jit(create)(), merged)
   mesh = parallel.make_mesh(-1, 1)
-  shardings = parallel.state_shardings(jax.eval_shape(create, rng), mesh)
-  state = jax.jit(create, out_shardings=shardings)(jax.random.PRNGKey(1))
+  shardings = parallel.state_shardings(jax.eval_shape(create), mesh)
+  state = jax.jit(create, out_shardings=shardings)()
   step = parallel.make_sharded_train_step(loss_fn, optimizer, mesh, shardings)
   mine = per_device_batches(exs, 8)[4 * jax.process_index():][:4]
   new_state, metrics = step(state, parallel.to_global(
@@ -270,7 +266,7 @@ def check_two_processes(process_id: str, port: str) -> dict:
                       - float(ref_metrics["loss"])),
           "reference_loss": float(ref_metrics["loss"]),
           "reference_update": max_diff(jax.device_get(ref_state.params),
-                                       jax.device_get(create(rng).params)),
+                                       jax.device_get(jax.jit(create)().params)),
           "params": max_diff(gathered.params, jax.device_get(
               ref_state.params)),
           "opt_state": max_diff(gathered.opt_state, jax.device_get(

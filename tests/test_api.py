@@ -97,11 +97,9 @@ def test_parameter_gradient_of_a_custom_loss(setup):
 
 
 def test_registry_takes_a_redefined_class_but_not_a_name_clash():
-  import flax.linen as nn
-
   def define():
     @mj.models.register("api_test_model")
-    class ApiTestModel(nn.Module):
+    class ApiTestModel(mj.models.EnergyModel):
       def __call__(self, graph, positions=None):
         return graph.nodes["mask"].astype(jnp.float32)
     return ApiTestModel

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import ase.io
 import numpy as np
 import pyarrow.parquet as pq
 import pytest

@@ -13,8 +13,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import test as test_config
-from matsci_jax import checkpoints, train
+from matsci_jax import checkpoints, inputs, tasks, train
 from matsci_jax.data import dataset_io, pipeline
+from matsci_jax.data.converter import convert
 from matsci_jax.data.dataset_io import DatasetError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,16 +46,18 @@ def test_test_config_lowers_the_loss(small_devset, tmp_path):
   assert saved["compiles_total"] > 0  # The counter sees compilations.
   m = result["metrics"]
   assert m["val/num_structures"] > 0 and np.isfinite(m["val/force_mae"])
-  assert {"val/energy_mae", "val/force_mae", "val/force_cos", "val/efwt"} <= set(m)
+  assert {"val/energy_mae", "val/force_mae", "val/force_cos",
+          "val/efwt"} <= set(m)
   assert os.listdir(tmp_path / "tensorboard")
-  metrics = {r["metric"] for r in csv.DictReader(open(tmp_path / "metrics.csv"))}
+  metrics = {r["metric"]
+             for r in csv.DictReader(open(tmp_path / "metrics.csv"))}
   assert {"train/learning_rate", "perf/structures_per_s", "perf/atoms_per_s",
           "perf/padding_efficiency_nodes", "perf/compiles"} <= metrics
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["30", "40"]
   assert len(os.listdir(tmp_path / "best")) == 1
   # The loaded model reproduces the final evaluation (EMA parameters).
   trained = checkpoints.load(tmp_path, checkpoint="latest")
-  assert trained.step == 40 and trained.task == "s2ef"
+  assert trained.step == 40 and trained.task is tasks.S2EF
   assert abs(_val_energy_mae(trained) - m["val/energy_mae"]) < 1e-5
   assert checkpoints.load(tmp_path / "checkpoints" / "30").step == 30
   assert checkpoints.load(tmp_path).step in (20, 40)  # The best one.
@@ -63,7 +66,8 @@ def test_test_config_lowers_the_loss(small_devset, tmp_path):
 def _val_energy_mae(trained):
   split = dataset_io.Dataset(trained.dataset).split("val")
   loader, _ = pipeline.batch_dataset(
-      split, train._budget(trained.config, split.sizes), shuffle=False)
+      split, inputs.budget(trained.config.data, split.sizes,
+                           trained.graph_spec), shuffle=False)
   fn = jax.jit(trained.energy_and_forces)
   errors = []
   for batch in loader:
@@ -72,19 +76,6 @@ def _val_energy_mae(trained):
     errors.extend(np.abs(np.asarray(energies)[real]
                          - batch.globals["energy"][real]))
   return float(np.mean(errors))
-
-
-def test_load_names_what_is_missing(small_devset, tmp_path):
-  with pytest.raises(checkpoints.CheckpointError, match="not a training"):
-    checkpoints.load(small_devset)
-  (tmp_path / "model.json").write_text("{}")
-  with pytest.raises(checkpoints.CheckpointError, match="lacks model, task"):
-    checkpoints.load(tmp_path)
-  (tmp_path / "model.json").write_text(json.dumps(
-      {"model": {"name": "egnn"}, "task": "s2ef", "normalizer": {},
-       "cutoff": 6.0}))
-  with pytest.raises(checkpoints.CheckpointError, match="holds no checkpoints"):
-    checkpoints.load(tmp_path)
 
 
 def _params_at(workdir, step):
@@ -134,8 +125,9 @@ def test_corrupt_dataset_folder_is_a_clear_error(small_devset, tmp_path):
     if not name.startswith("dataset_info"):
       os.symlink(small_devset / "s2ef" / name, broken / name)
   with pytest.raises(DatasetError, match="missing dataset_info.json"):
-    train.train_and_evaluate(_config(small_devset, **{"data.path": str(broken)}),
-                             str(tmp_path / "run"))
+    train.train_and_evaluate(
+        _config(small_devset, **{"data.path": str(broken)}),
+        str(tmp_path / "run"))
 
 
 def test_bad_best_metric_is_a_clear_error(small_devset, tmp_path):
@@ -145,11 +137,11 @@ def test_bad_best_metric_is_a_clear_error(small_devset, tmp_path):
 
 
 def test_node_budget_alone_sizes_edges_and_graphs(small_devset):
-  from matsci_jax.data import dataset_io
-  sizes = dataset_io.Dataset(str(small_devset / "s2ef")).split("train").sizes
+  data = dataset_io.Dataset(str(small_devset / "s2ef"))
+  sizes, spec = data.split("train").sizes, data.graph_spec.select("graph")
   config = _config(small_devset, **{"data.max_nodes": 400})
-  budget = train._budget(config, sizes)
-  auto = train._budget(_config(small_devset), sizes)
+  budget = inputs.budget(config.data, sizes, spec)
+  auto = inputs.budget(_config(small_devset).data, sizes, spec)
   assert budget.n_node == 400 and budget.n_edge > 2 * auto.n_edge
   assert budget.n_graph > auto.n_graph
 
@@ -164,34 +156,17 @@ def test_missing_config_field_is_a_clear_error(small_devset, tmp_path):
 def test_split_without_targets_is_a_clear_error(tmp_path):
   from ase.build import fcc100
   import ase.io
-  from data_prep import convert
   atoms = fcc100("Cu", (2, 2, 2), vacuum=4.0)
   atoms.pbc = True
   ase.io.write(tmp_path / "x.extxyz", [atoms] * 3)
-  convert.convert({"train": [str(tmp_path / "x.extxyz")],
-                   "val": [str(tmp_path / "x.extxyz")]}, tmp_path / "ds",
-                  task="s2ef", workers=1, progress=False)
+  convert({"train": [str(tmp_path / "x.extxyz")],
+           "val": [str(tmp_path / "x.extxyz")]}, tmp_path / "ds",
+          task="s2ef", workers=1, progress=False)
   config = test_config.get_config()
   config.data.path = str(tmp_path / "ds")
-  with pytest.raises(DatasetError, match=r"split 'train' has no energy / forces"):
+  with pytest.raises(DatasetError,
+                     match=r"split 'train' has no energy / forces"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
-
-
-def test_nan_target_is_a_clear_error(small_devset, tmp_path):
-  check = train._TargetCheck("s2ef", "train")
-  from matsci_jax.data import batching, dataset_io
-  split = dataset_io.Dataset(str(small_devset / "s2ef")).split("train")
-  examples = [split.source[i] for i in range(3)]
-  examples[1] = dict(examples[1], energy=np.float32(np.nan))
-  batch = batching.collate(examples, batching.Budget(200, 8000, 5))
-  with pytest.raises(DatasetError, match=r"sid=\d+ fid=\d+ has a NaN or infinite energy"):
-    check(batch)
-  examples[1] = dict(examples[1], energy=np.float32(1.0))
-  forces = examples[2]["forces"].copy()
-  forces[3, 1] = np.inf
-  examples[2] = dict(examples[2], forces=forces)
-  with pytest.raises(DatasetError, match="infinite forces"):
-    check(batching.collate(examples, batching.Budget(200, 8000, 5)))
 
 
 def test_non_finite_loss_stops_and_names_the_step(small_devset, tmp_path):
@@ -206,12 +181,11 @@ def test_devset_cache_is_rebuilt_when_its_size_changes(tmp_path):
   config = test_config.get_config()
   config.data.devset_dir = str(tmp_path / "cache")
   config.data.devset_num_systems = 3
-  folder = train.dataset_folder(config)
-  from matsci_jax.data import dataset_io
+  folder = inputs.dataset_folder(config)
   n3 = len(dataset_io.Dataset(folder).split("train"))
-  assert train.dataset_folder(config) == folder  # Reused as it is.
+  assert inputs.dataset_folder(config) == folder  # Reused as it is.
   config.data.devset_num_systems = 5
-  n5 = len(dataset_io.Dataset(train.dataset_folder(config)).split("train"))
+  n5 = len(dataset_io.Dataset(inputs.dataset_folder(config)).split("train"))
   assert n5 > n3
 
 
@@ -255,7 +229,6 @@ def test_structure_level_model_needs_tags_in_every_split(tmp_path):
   import ase.io
   from ase.build import add_adsorbate, fcc100
   from ase.calculators.emt import EMT
-  from data_prep import convert
   frames = {"train": [], "val": []}
   for split, n in (("train", 4), ("val", 2)):
     for k in range(n):
@@ -270,8 +243,8 @@ def test_structure_level_model_needs_tags_in_every_split(tmp_path):
       slab.get_forces()
       frames[split].append(slab)
     ase.io.write(tmp_path / f"{split}.extxyz", frames[split])
-  convert.convert([f"{s}={tmp_path / f'{s}.extxyz'}" for s in frames],
-                  tmp_path / "ds", task="s2ef", workers=1, progress=False)
+  convert([f"{s}={tmp_path / f'{s}.extxyz'}" for s in frames],
+          tmp_path / "ds", task="s2ef", workers=1, progress=False)
   config = test_config.get_config("megnet")
   config.data.path = str(tmp_path / "ds")
   config.model.readout = "set2set"

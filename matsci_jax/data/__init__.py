@@ -6,7 +6,9 @@ The pieces a research script needs most (loaded on first use):
 * `Budget`, `compute_budget`, `bucket_budget`: padded sizes of a batch;
 * `collate(examples, budget)`, `batch_examples(examples)`: a padded
   `jraph.GraphsTuple`;
-* `Dataset(folder).split(name)`: a converted dataset's split.
+* `Dataset(folder).split(name)`: a converted dataset's split;
+* `GraphSpec`: cutoff, neighbour cap, representation and point-cloud
+  settings, as a dataset and a trained model record them.
 """
 
 from matsci_jax import _lazy
@@ -20,7 +22,8 @@ _NAMES = {
     "Dataset": "matsci_jax.data.dataset_io:Dataset",
     "DatasetError": "matsci_jax.data.dataset_io:DatasetError",
     "batch_examples": "matsci_jax.data.graphs:batch_examples",
-    "example_from_structure": "matsci_jax.data.graphs:example_from_structure",
+    "GraphSpec": "matsci_jax.data.graph_spec:GraphSpec",
+    "PointCloudSpec": "matsci_jax.data.graph_spec:PointCloudSpec",
     "graph_from_atoms": "matsci_jax.data.graphs:graph_from_atoms",
     "graph_from_arrays": "matsci_jax.data.graphs:graph_from_arrays",
 }

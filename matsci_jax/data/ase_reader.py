@@ -38,7 +38,8 @@ def _count_xyz_frames(path: str) -> int:
       try:
         natoms = int(line)
       except ValueError:
-        raise DataError(path, count, f"expected an atom count, got {line!r}")
+        raise DataError(path, count,
+                        f"expected an atom count, got {line!r}") from None
       for _ in range(natoms + 1):
         if not f.readline():
           raise DataError(path, count, "file ends inside this frame")

@@ -24,6 +24,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
 from matsci_jax.data import schema
+from matsci_jax.data.graph_spec import GraphSpec
 
 FORMAT_VERSION = 1
 SIZES_FILE = "sizes.npz"
@@ -105,12 +106,7 @@ class PointCloudSource:
     return len(self.source)
 
   def __getitem__(self, i: int) -> dict:
-    ex = dict(self.source[i])
-    ex["senders"] = ex.pop("pc_senders")
-    ex["receivers"] = ex.pop("pc_receivers")
-    ex["cell_shifts"] = ex.pop("pc_shifts")
-    ex["slot_mask"] = ex.pop("pc_mask")
-    return ex
+    return schema.slots_as_edges(self.source[i])
 
 
 @dataclasses.dataclass
@@ -130,7 +126,6 @@ class Split:
   sizes: np.ndarray
   statistics: dict
   targets: dict
-  representation: str = "graph"
 
   def __len__(self) -> int:
     return len(self.source)
@@ -174,8 +169,20 @@ class Dataset:
           f"{self.metadata.get('format_version')} is not {FORMAT_VERSION}; "
           "convert it again")
     self.task = self.metadata["task"]
-    self.cutoff = float(self.metadata["cutoff"])
-    self.max_neighbors = self.metadata["max_neighbors"]
+    try:
+      self.graph_spec = GraphSpec.from_dict(self.metadata)
+    except (KeyError, TypeError, ValueError) as e:
+      raise DatasetError(f"{self.folder}: metadata.json has no valid graph "
+                         f"settings ({type(e).__name__}: {e}); convert it "
+                         "again") from e
+
+  @property
+  def cutoff(self) -> float:
+    return self.graph_spec.cutoff
+
+  @property
+  def max_neighbors(self) -> int | None:
+    return self.graph_spec.max_neighbors
 
   @property
   def splits(self) -> list[str]:
@@ -184,8 +191,7 @@ class Dataset:
   @property
   def representations(self) -> tuple[str, ...]:
     """Representations stored: ("graph",), ("point_cloud",) or both."""
-    r = self.metadata.get("representation", "graph")
-    return ("graph", "point_cloud") if r == "both" else (r,)
+    return self.graph_spec.representations
 
   def split(self, name: str, representation: str = "graph") -> Split:
     """Opens one split for random access (e.g. `name="train"`).
@@ -212,7 +218,8 @@ class Dataset:
           f"{', '.join(self.representations)}); convert with "
           "--representation both")
     all_sizes = self._sizes[name]
-    column = 2 if representation == "point_cloud" and all_sizes.shape[1] > 2 else 1
+    column = (2 if representation == "point_cloud" and all_sizes.shape[1] > 2
+              else 1)
     sizes = np.ascontiguousarray(all_sizes[:, [0, column]])
     if len(source) != len(sizes):
       raise DatasetError(
@@ -221,5 +228,4 @@ class Dataset:
     if representation == "point_cloud":
       source = PointCloudSource(source)
     return Split(name=name, source=source, sizes=sizes,
-                 statistics=info["statistics"], targets=info["targets"],
-                 representation=representation)
+                 statistics=info["statistics"], targets=info["targets"])

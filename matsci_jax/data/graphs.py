@@ -1,7 +1,7 @@
 """Graphs straight from ASE `Atoms` or arrays, in the stored-example layout.
 
-The converter and these helpers share `neighbors.neighbor_list` and
-`schema.to_example`, so a structure built here is exactly what a converted
+The converter and these helpers build examples with the same
+`GraphSpec.example`, so a structure built here is exactly what a converted
 dataset would hold.
 """
 
@@ -11,12 +11,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from matsci_jax.data import batching, schema
+from matsci_jax.data import batching
 from matsci_jax.data.ase_reader import structure_from_atoms
-from matsci_jax.data.dataset_io import PointCloudSource
-from matsci_jax.data.neighbors import neighbor_list
-from matsci_jax.data.point_cloud import point_cloud
-from matsci_jax.data.structure import TAG_UNKNOWN, Structure, validate
+from matsci_jax.data.graph_spec import GraphSpec, PointCloudSpec
+from matsci_jax.data.structure import TAG_UNKNOWN, Structure
 
 
 def graph_from_atoms(atoms, cutoff: float = 6.0,
@@ -42,9 +40,10 @@ def graph_from_atoms(atoms, cutoff: float = 6.0,
     The example: positions float32 [N, 3], senders/receivers int32 [E], ...
     (see `matsci_jax.data.schema`).
   """
-  return example_from_structure(
-      structure_from_atoms(atoms, "<atoms>", 0), cutoff, max_neighbors, task,
-      representation, num_neighbors, bulk_samples, seed)
+  pc = (None if representation == "graph" else
+        PointCloudSpec(cutoff, num_neighbors, bulk_samples, seed))
+  spec = GraphSpec(cutoff, max_neighbors, representation, pc)
+  return spec.example(structure_from_atoms(atoms, "<atoms>", 0), task)
 
 
 def graph_from_arrays(atomic_numbers, positions, cell=None, pbc=False,
@@ -72,27 +71,7 @@ def graph_from_arrays(atomic_numbers, positions, cell=None, pbc=False,
             else np.asarray(tags, np.int32)),
       fixed=np.zeros(n, bool) if fixed is None else np.asarray(fixed, bool),
       source=("<arrays>", 0))
-  return example_from_structure(s, cutoff, max_neighbors, task)
-
-
-def example_from_structure(s: Structure, cutoff: float = 6.0,
-                           max_neighbors: Optional[int] = 50,
-                           task: str = "s2ef", representation: str = "graph",
-                           num_neighbors: int = 16, bulk_samples: int = 8,
-                           seed: int = 0) -> dict:
-  """`graph_from_atoms` for a `Structure` (as the dataset readers give)."""
-  s = validate(s)
-  if representation == "graph":
-    edges = neighbor_list(s.positions, s.cell, s.pbc, cutoff, max_neighbors)
-    return schema.to_example(s, edges, task)
-  if representation != "point_cloud":
-    raise ValueError(f"representation must be 'graph' or 'point_cloud', got "
-                     f"{representation!r}")
-  pc = point_cloud(s, cutoff, num_neighbors, bulk_samples,
-                   np.random.default_rng(seed))
-  ex = schema.to_example(s, neighbor_list(s.positions[:0], s.cell, s.pbc,
-                                          cutoff), task, pc)
-  return PointCloudSource([ex])[0]
+  return GraphSpec(cutoff, max_neighbors).example(s, task)
 
 
 def batch_examples(examples: Sequence[dict],

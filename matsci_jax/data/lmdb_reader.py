@@ -77,7 +77,8 @@ def structure_from_fields(fields: dict, path: str, key) -> Structure:
     try:
       return np.asarray(fields[name], dtype=dtype)
     except (TypeError, ValueError) as e:
-      raise DataError(path, key, f"field {name!r} is not numeric: {e}")
+      raise DataError(path, key,
+                      f"field {name!r} is not numeric: {e}") from e
 
   pos_key = "pos" if "pos" in fields else "positions"
   if pos_key not in fields:
@@ -136,7 +137,8 @@ def structure_from_fields(fields: dict, path: str, key) -> Structure:
   )
 
 
-def _natural_key(path: str):
+def natural_key(path: str):
+  """Sorts "data.2.lmdb" before "data.10.lmdb" (numbers by value)."""
   return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
 
 
@@ -150,7 +152,7 @@ def find_lmdb_files(path: str) -> list[str]:
     return [path]  # A classic LMDB environment folder.
   # `*.lmdb` skips the `*.lmdb-lock` and `data_log.*.txt` files beside shards.
   files = sorted((os.path.join(path, f) for f in os.listdir(path)
-                  if f.endswith(".lmdb")), key=_natural_key)
+                  if f.endswith(".lmdb")), key=natural_key)
   if not files:
     raise FileNotFoundError(f"{path}: no *.lmdb files or data.mdb inside")
   return files
@@ -222,7 +224,8 @@ class LmdbReader:
       try:
         length = int(torch_pickle.loads(length_raw))
       except Exception as e:
-        raise DataError(f, "length", f"cannot decode the length key: {e}")
+        raise DataError(f, "length",
+                        f"cannot decode the length key: {e}") from e
       if length != len(int_keys):
         raise DataError(
             f, "length", f"the length key says {length} entries but the "
@@ -247,7 +250,7 @@ class LmdbReader:
         value = txn.get(k)
     except lmdb.Error as e:
       raise DataError(self.files[file_index], k.decode(),
-                      f"cannot read the value: {type(e).__name__}: {e}")
+                      f"cannot read the value: {type(e).__name__}: {e}") from e
     if value is None:
       raise DataError(self.files[file_index], k.decode(), "key vanished")
     return value

@@ -47,9 +47,9 @@ def open_readers(path: str, *, subtract_reference: bool = False,
   if _is_lmdb_path(path):
     return [LmdbReader(path)]
   if os.path.isdir(path):
-    from matsci_jax.data.lmdb_reader import _natural_key
+    from matsci_jax.data.lmdb_reader import natural_key
     files = sorted((os.path.join(path, f) for f in os.listdir(path)
-                    if f.endswith(_ASE_SUFFIXES)), key=_natural_key)
+                    if f.endswith(_ASE_SUFFIXES)), key=natural_key)
     if not files:
       raise FileNotFoundError(
           f"{path}: no LMDB or ASE-readable files ({', '.join(_ASE_SUFFIXES)})")

@@ -67,6 +67,18 @@ def features(task: str, point_cloud: bool = False) -> _F.FeaturesDict:
   return _F.FeaturesDict(spec)
 
 
+def slots_as_edges(ex: dict) -> dict:
+  """A stored example with its point-cloud slots as its edges (GALA's
+  input): `pc_senders`, `pc_receivers`, `pc_shifts` become the edges and
+  `pc_mask` marks the filled slots as `slot_mask`."""
+  ex = dict(ex)
+  ex["senders"] = ex.pop("pc_senders")
+  ex["receivers"] = ex.pop("pc_receivers")
+  ex["cell_shifts"] = ex.pop("pc_shifts")
+  ex["slot_mask"] = ex.pop("pc_mask")
+  return ex
+
+
 def target_flags(s: Structure, task: str) -> dict[str, bool]:
   """Which targets a structure carries (must agree within a split)."""
   flags = {"energy": s.energy is not None, "forces": s.forces is not None}

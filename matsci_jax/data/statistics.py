@@ -6,8 +6,9 @@ and free atoms), and per-element reference energies fitted by least squares,
 E ~ sum_Z count_Z * ref_Z, from accumulated normal equations so that the fit
 needs no second pass over the data.
 
-When every structure carries OC20 tags (all in 0, 1, 2), a second fit uses only the adsorbate
-atoms (tag 2) plus a constant, E ~ c + sum_Z adsorbate_count_Z * ref_Z.
+When every structure carries OC20 tags (all in 0, 1, 2), a second fit uses
+only the adsorbate atoms (tag 2) plus a constant,
+E ~ c + sum_Z adsorbate_count_Z * ref_Z.
 OC20 energies are adsorption energies, which do not grow with the slab: the
 all-atom fit then gives the slab elements small spurious references that
 scale with slab size, which a structure-level (intensive) readout cannot
@@ -204,7 +205,10 @@ class SplitStatistics:
 
 
 def summarize(example: dict) -> dict:
-  """The per-structure numbers `SplitStatistics.add` needs (small, picklable)."""
+  """The per-structure numbers `SplitStatistics.add` needs.
+
+  They are small and picklable.
+  """
   z = example["atomic_numbers"]
   energy = float(example["energy"])
   forces = example["forces"].astype(np.float64)

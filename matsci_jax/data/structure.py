@@ -79,7 +79,7 @@ class Structure:
     return int(self.atomic_numbers.shape[0])
 
   def to_atoms(self):
-    """Returns an `ase.Atoms` with tags, constraints and a results calculator."""
+    """Returns `ase.Atoms` with tags, constraints and a results calculator."""
     import ase
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.constraints import FixAtoms

@@ -8,13 +8,21 @@ import numpy as np
 from matsci_jax import models
 
 
-def count_parameters(model_config, representation: str = "graph") -> int:
-  """Parameters of the model a config describes (shape inference only)."""
+def count_parameters(model_config, representation: str | None = None) -> int:
+  """Parameters of the model a config describes (shape inference only).
+
+  Args:
+    model_config: mapping with the model's `name` and its fields.
+    representation: "graph" or "point_cloud", the batch to infer shapes on;
+      None takes the model class's `representation`.
+  """
   from ase.build import bulk
 
   from matsci_jax.data.graphs import batch_examples, graph_from_atoms
   kwargs = dict(model_config)
   name = kwargs.pop("name")
+  if representation is None:
+    representation = models.model_class(name).representation
   model = models.get(name, **kwargs)
   atoms = bulk("Cu", "fcc", a=3.6) * (2, 2, 2)
   k = kwargs.get("num_neighbors", 16)

@@ -70,7 +70,7 @@ class EGNNLayer(nn.Module):
 
 
 @registry.register("egnn")
-class EGNN(nn.Module):
+class EGNN(registry.EnergyModel):
   """EGNN giving one invariant scalar per atom.
 
   Attributes:
@@ -98,7 +98,6 @@ class EGNN(nn.Module):
   readout_hidden: int = 64
   num_species: int = 119
   remat: str = ""
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, graph: jraph.GraphsTuple,
@@ -117,16 +116,13 @@ class EGNN(nn.Module):
     act = getattr(jax.nn, self.activation)
     h = nn.Embed(self.num_species, self.hidden_dim, name="embed")(
         graph.nodes["atomic_numbers"])
-    edge_mask = graph.edges["mask"]
 
     def edge_terms(x):
-      vectors = geometry.edge_vectors(x, graph)
-      d2, d = geometry.safe_lengths(vectors, edge_mask, fill=self.cutoff / 2)
-      rbf = e3nn.bessel(d, self.num_radial, x_max=self.cutoff)
-      features = jnp.concatenate([(d2 / self.cutoff**2)[:, None], rbf], -1)
-      envelope = e3nn.poly_envelope(5, 2)(d / self.cutoff)
-      envelope = jnp.where(edge_mask & (d < self.cutoff), envelope, 0.0)
-      return vectors, features, envelope
+      edge = geometry.edge_geometry(x, graph, self.cutoff)
+      rbf = e3nn.bessel(edge.d, self.num_radial, x_max=self.cutoff)
+      features = jnp.concatenate([(edge.d2 / self.cutoff**2)[:, None], rbf],
+                                 -1)
+      return edge.vectors, features, edge.envelope
 
     terms = edge_terms(x)
     layer = remat.wrap(EGNNLayer, self.remat)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import e3nn_jax as e3nn
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -174,7 +173,7 @@ def _chunked(name: str, chunk_rows: int, policy: str, r, h, weight,
 
 
 @registry.register("gala")
-class Gala(nn.Module):
+class Gala(registry.EnergyModel):
   """GALA giving one energy per centre atom (zero for other atoms).
 
   Attributes:
@@ -197,6 +196,8 @@ class Gala(nn.Module):
       precision); parameters, positions, attention weights, sums and
       outputs stay float32.
   """
+  representation = "point_cloud"  # K neighbour slots per centre.
+
   hidden_dim: int = 64
   depth: int = 2
   dilation: float = 2.0
@@ -206,7 +207,6 @@ class Gala(nn.Module):
   num_species: int = 119
   pairs_per_chunk: int = 1024
   remat: str = ""
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, graph: jraph.GraphsTuple,
@@ -220,13 +220,10 @@ class Gala(nn.Module):
           f"{k}: use a point-cloud batch with {k} slots per centre")
     x = graph.nodes["positions"] if positions is None else positions
     mask = graph.edges["mask"]
-    vectors = geometry.edge_vectors(x, graph)
-    _, d = geometry.safe_lengths(vectors, mask, fill=self.cutoff / 2)
-    envelope = e3nn.poly_envelope(5, 2)(d / self.cutoff)
-    weight = jnp.where(mask & (d < self.cutoff), envelope, 0.0)
+    edge = geometry.edge_geometry(x, graph, self.cutoff)
     rows = n_edge // k
-    r = jnp.where(mask[:, None], vectors, 0.0).reshape(rows, k, 3)
-    weight = weight.reshape(rows, k)
+    r = jnp.where(mask[:, None], edge.vectors, 0.0).reshape(rows, k, 3)
+    weight = edge.envelope.reshape(rows, k)
     z = graph.nodes["atomic_numbers"]
     center = graph.receivers.reshape(rows, k)[:, 0]
     # Symmetric one-hot types of centre and neighbour, projected up.

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 from typing import Any, Sequence
 
-import e3nn_jax as e3nn
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -140,7 +139,7 @@ class Set2Set(nn.Module):
 
 
 @registry.register("megnet")
-class MegNet(nn.Module):
+class MegNet(registry.EnergyModel):
   """MEGNet giving per-atom outputs ("per_atom") or per-structure ("set2set").
 
   Attributes:
@@ -173,7 +172,6 @@ class MegNet(nn.Module):
   activation: str = "shifted_softplus"
   num_species: int = 119
   remat: str = ""
-  dtype: Any = jnp.float32
 
   @property
   def per_graph_output(self) -> bool:
@@ -187,16 +185,12 @@ class MegNet(nn.Module):
       raise ValueError(f"readout must be 'per_atom' or 'set2set', got "
                        f"{self.readout!r}")
     x = graph.nodes["positions"] if positions is None else positions
-    edge_mask = graph.edges["mask"]
     node_mask = graph.nodes["mask"]
     n_graph = graph.globals["mask"].shape[0]
-    vectors = geometry.edge_vectors(x, graph)
-    _, d = geometry.safe_lengths(vectors, edge_mask, fill=self.cutoff / 2)
+    edge = geometry.edge_geometry(x, graph, self.cutoff)
     centers = jnp.linspace(0.0, self.cutoff, self.num_gaussians)
-    e = jnp.exp(-((d[:, None] - centers) / self.gaussian_width) ** 2)
-    envelope = e3nn.poly_envelope(5, 2)(d / self.cutoff)
-    envelope = jnp.where(edge_mask & (d < self.cutoff), envelope, 0.0)
-    e = e * envelope[:, None]
+    e = jnp.exp(-((edge.d[:, None] - centers) / self.gaussian_width) ** 2)
+    e = e * edge.envelope[:, None]
     v = nn.Embed(self.num_species, self.embed_dim, name="embed")(
         graph.nodes["atomic_numbers"])
     u = jnp.broadcast_to(
@@ -206,7 +200,7 @@ class MegNet(nn.Module):
     for i in range(self.num_blocks):
       e, v, u = block(self.pre, self.block_mlp, self.activation,
                       dtype=self.dtype, name=f"block_{i}")(
-                          e, v, u, envelope, graph)
+                          e, v, u, edge.envelope, graph)
     head = MLP(tuple(self.readout_mlp) + (1,), self.activation,
                activate_last=False, dtype=self.dtype, name="readout")
     if self.readout == "per_atom":
@@ -215,6 +209,6 @@ class MegNet(nn.Module):
     pooled_v = Set2Set(self.set2set_steps, name="set2set_nodes")(
         v, node_graph, n_graph, node_mask.astype(v.dtype))
     pooled_e = Set2Set(self.set2set_steps, name="set2set_edges")(
-        e, node_graph[graph.receivers], n_graph, envelope)
+        e, node_graph[graph.receivers], n_graph, edge.envelope)
     out = head(jnp.concatenate([pooled_v, pooled_e, u], -1))[:, 0]
     return out.astype(jnp.float32) * graph.globals["mask"]

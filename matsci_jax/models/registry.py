@@ -1,25 +1,86 @@
 """Models by name: `get("egnn", hidden_dim=64)` or `from_config(config.model)`.
 
-Adding a model is one file with a Flax module and one decorator:
+Adding a model is one file with an `EnergyModel` and one decorator:
 
     @registry.register("my_model")
-    class MyModel(nn.Module):
+    class MyModel(registry.EnergyModel):
       ...
-      def __call__(self, graph) -> jax.Array:  # per-atom outputs [n_node]
+      @nn.compact
+      def __call__(self, graph, positions=None) -> jax.Array:
+        ...  # per-atom outputs [n_node]
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jraph
+from flax.linen import kw_only_dataclasses
 
-_MODELS: dict[str, type[nn.Module]] = {}
+
+class EnergyModel(nn.Module):
+  """What every registered model is: a padded batch in, energies out.
+
+  `__call__(graph, positions=None)` returns float32 per-atom outputs
+  [n_node], zero on padding nodes, which `matsci_jax.energy` scales, shifts
+  and sums per structure; or, when `per_graph_output` is True, one output per
+  structure [n_graph], zero on padding graphs. Forces are minus its gradient
+  with respect to `positions`.
+
+  Attributes:
+    representation: class variable, the batches the model reads: "graph"
+      (neighbour-list edges) or "point_cloud" (K neighbour slots per centre,
+      see `matsci_jax.data.point_cloud`).
+    per_graph_output: property, True when the model gives one output per
+      structure (a non-extensive readout) instead of one per atom.
+    dtype: computation dtype of the dense layers (jnp.bfloat16 for mixed
+      precision); parameters, positions, sums and outputs stay float32.
+      It comes after a subclass's own fields in the constructor, so
+      `model.clone(dtype=jnp.bfloat16)` works for every model.
+  """
+  representation: ClassVar[str] = "graph"
+  # Keyword-only: subclass fields keep their places in the constructor.
+  dtype: Any = kw_only_dataclasses.field(default=jnp.float32, kw_only=True)
+
+  @property
+  def per_graph_output(self) -> bool:
+    return False
+
+  def __call__(self, graph: jraph.GraphsTuple,
+               positions: jax.Array | None = None) -> jax.Array:
+    """Model outputs of a padded batch.
+
+    Args:
+      graph: padded batch (see `matsci_jax.data.batching.collate`) of the
+        model's `representation`.
+      positions: float32 [n_node, 3] to use instead of
+        `graph.nodes["positions"]` (forces differentiate with respect to
+        these).
+
+    Returns:
+      float32 [n_node], zero on padding nodes; or [n_graph], zero on padding
+      graphs, when `per_graph_output` is True.
+    """
+    raise NotImplementedError(
+        f"{type(self).__name__} must define __call__(graph, positions=None)")
 
 
-def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-  """Class decorator that registers a Flax module under `name`."""
+_MODELS: dict[str, type[EnergyModel]] = {}
+
+
+def register(name: str) -> Callable[[type[EnergyModel]], type[EnergyModel]]:
+  """Class decorator that registers an `EnergyModel` under `name`."""
   def wrap(cls):
+    if not (isinstance(cls, type) and issubclass(cls, EnergyModel)):
+      what = (f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type)
+              else repr(cls))
+      raise TypeError(f"cannot register {what} as model {name!r}: it is not "
+                      "an EnergyModel; subclass matsci_jax.models.EnergyModel "
+                      "instead of nn.Module")
     old = _MODELS.get(name)
     # A class defined again in the same place (a re-run notebook cell)
     # replaces its earlier self; another class may not take the name.
@@ -36,21 +97,25 @@ def names() -> list[str]:
   return sorted(_MODELS)
 
 
-def get(name: str, **kwargs) -> nn.Module:
-  """Builds the registered model `name` with keyword arguments."""
+def model_class(name: str) -> type[EnergyModel]:
+  """The class registered as `name` (for its `representation`, say)."""
   if name not in _MODELS:
     raise KeyError(f"unknown model {name!r}; registered: {', '.join(names())}")
-  return _MODELS[name](**kwargs)
+  return _MODELS[name]
 
 
-def from_config(model_config) -> nn.Module:
-  """Builds a model from a config with a `name` field and the module's fields."""
+def get(name: str, **kwargs) -> EnergyModel:
+  """Builds the registered model `name` with keyword arguments."""
+  return model_class(name)(**kwargs)
+
+
+def from_config(model_config) -> EnergyModel:
+  """Builds a model from a config: a `name` field and the module's fields."""
   kwargs = dict(model_config)
   name = kwargs.pop("name")
-  cls = _MODELS.get(name)
-  if cls is None:
-    raise KeyError(f"unknown model {name!r}; registered: {', '.join(names())}")
-  fields = set(cls.__dataclass_fields__) - {"parent", "name"}
+  cls = model_class(name)
+  # dataclasses.fields leaves out class variables such as `representation`.
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
   unknown = sorted(set(kwargs) - fields)
   if unknown:
     raise ValueError(f"config.model has fields {unknown} that model {name!r} "

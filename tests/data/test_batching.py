@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from data_prep import convert
-from matsci_jax.data import batching, pipeline
+from matsci_jax.data import batching, converter, pipeline
 from matsci_jax.data.batching import Budget, BudgetError
 from matsci_jax.data.dataset_io import Dataset
 
@@ -33,16 +32,19 @@ def test_pack_respects_budget_and_loses_nothing(seed):
 
 def test_oversized_structure_gets_a_clear_error():
   sizes = np.array([[10, 100], [500, 1000], [10, 100]])
-  with pytest.raises(BudgetError, match=r"structure 1 has 500 atoms.*raise the batch size"):
-    batching.pack(np.arange(3), sizes, Budget(n_node=101, n_edge=5000, n_graph=5))
+  with pytest.raises(BudgetError, match=r"structure 1 has 500 atoms.*"
+                     r"raise the batch size"):
+    batching.pack(np.arange(3), sizes,
+                  Budget(n_node=101, n_edge=5000, n_graph=5))
 
 
 @pytest.fixture(scope="module")
 def toy(shared_data, tmp_path_factory):
   out = tmp_path_factory.mktemp("toy") / "ds"
-  convert.convert([f"train={shared_data / 'oc20_s2ef_toy/noedges'}",
-                   f"val={shared_data / 'oc20_s2ef_toy/fairchem_core_1.9_noedges'}"],
-                  out, task="s2ef", workers=1, progress=False)
+  converter.convert(
+      [f"train={shared_data / 'oc20_s2ef_toy/noedges'}",
+       f"val={shared_data / 'oc20_s2ef_toy/fairchem_core_1.9_noedges'}"],
+      out, task="s2ef", workers=1, progress=False)
   return Dataset(str(out))
 
 
@@ -67,13 +69,17 @@ def test_collate_layout_and_masks(toy):
   n_edges = sum(ex["senders"].shape[0] for ex in examples)
   assert g.edges["mask"].sum() == n_edges
   # Padding edges join the first padding node to itself.
-  assert (g.senders[n_edges:] == 114).all() and (g.receivers[n_edges:] == 114).all()
+  assert ((g.senders[n_edges:] == 114).all()
+          and (g.receivers[n_edges:] == 114).all())
   # Real edges stay within their own graph.
   graph = g.nodes["graph"]
-  assert np.array_equal(graph[g.senders[:n_edges]], graph[g.receivers[:n_edges]])
+  assert np.array_equal(graph[g.senders[:n_edges]],
+                        graph[g.receivers[:n_edges]])
   assert np.array_equal(np.bincount(graph[:114]), [38, 38, 38])
-  assert g.globals["energy"].dtype == np.float32 and g.globals["sid"].dtype == np.int32
-  np.testing.assert_array_equal(g.nodes["positions"][38:76], examples[1]["positions"])
+  assert (g.globals["energy"].dtype == np.float32
+          and g.globals["sid"].dtype == np.int32)
+  np.testing.assert_array_equal(g.nodes["positions"][38:76],
+                                examples[1]["positions"])
   np.testing.assert_array_equal(g.globals["energy"][:3],
                                 [ex["energy"] for ex in examples])
   with pytest.raises(BudgetError):
@@ -81,7 +87,8 @@ def test_collate_layout_and_masks(toy):
   empty = batching.collate([], budget, template=examples[0])
   assert not empty.nodes["mask"].any() and not empty.globals["mask"].any()
   assert empty.nodes["positions"].shape == (130, 3)
-  assert set(empty.nodes) == set(g.nodes) and set(empty.globals) == set(g.globals)
+  assert (set(empty.nodes) == set(g.nodes)
+          and set(empty.globals) == set(g.globals))
 
 
 def test_batch_plan_is_seeded_and_sharded():
@@ -89,7 +96,8 @@ def test_batch_plan_is_seeded_and_sharded():
   budget = batching.compute_budget(sizes, 6)
   a = pipeline.BatchPlan(sizes, budget, shuffle=True, seed=1, num_epochs=3)
   b = pipeline.BatchPlan(sizes, budget, shuffle=True, seed=1, num_epochs=3)
-  assert len(a) == len(b) and all(np.array_equal(a[i], b[i]) for i in range(len(a)))
+  assert len(a) == len(b) and all(np.array_equal(a[i], b[i])
+                                  for i in range(len(a)))
   e0, e1 = a.epoch(0), a.epoch(1)
   assert not np.array_equal(np.concatenate(e0), np.concatenate(e1))
   assert sorted(np.concatenate(e1).tolist()) == list(range(300))
@@ -144,7 +152,7 @@ def test_batch_plan_is_thread_safe():
   reference = pipeline.BatchPlan(sizes, budget, shuffle=True, seed=2,
                                  num_epochs=6)
   expected = [reference[i] for i in range(len(reference))]
-  for trial in range(3):
+  for _ in range(3):
     plan = pipeline.BatchPlan(sizes, budget, shuffle=True, seed=2,
                               num_epochs=None)
     got = {}
@@ -158,7 +166,8 @@ def test_batch_plan_is_thread_safe():
       t.start()
     for t in threads:
       t.join()
-    assert all(np.array_equal(got[i], expected[i]) for i in range(len(expected)))
+    assert all(np.array_equal(got[i], expected[i])
+               for i in range(len(expected)))
 
 
 def test_plan_gives_each_process_its_devices_batches():
@@ -198,5 +207,6 @@ def test_damaged_record_names_split_and_example(toy, tmp_path):
   split = Dataset(str(folder)).split("val")
   budget = batching.compute_budget(split.sizes, 4)
   ds, _ = pipeline.batch_dataset(split, budget, shuffle=False)
-  with pytest.raises(Exception, match=r"split 'val', example \d+: cannot read it"):
+  with pytest.raises(Exception,
+                     match=r"split 'val', example \d+: cannot read it"):
     list(ds)

@@ -1,4 +1,4 @@
-"""The published OC20/matsciml fixture files decode to what their READMEs state."""
+"""Published OC20/matsciml fixture files decode to what their READMEs state."""
 
 import pickle
 
@@ -33,8 +33,8 @@ def test_s2ef_variants_decode(shared_data, variant, count):
     s = reader[i]
     assert s.num_atoms == 38
     assert s.positions.shape == (38, 3) and s.forces.shape == (38, 3)
-    assert np.array_equal(np.bincount(s.atomic_numbers, minlength=30)[[1, 6, 29]],
-                          [8, 3, 27])
+    assert np.array_equal(
+        np.bincount(s.atomic_numbers, minlength=30)[[1, 6, 29]], [8, 3, 27])
     assert s.cell.shape == (3, 3) and s.pbc.all()
     assert set(np.unique(s.tags)) <= {0, 1, 2} and (s.tags == 2).sum() == 11
     assert s.fixed.dtype == bool and s.fixed.sum() > 0
@@ -58,7 +58,8 @@ def test_pyg1_and_pyg2_layouts_give_identical_arrays(shared_data):
            ("oc20_s2ef_toy/edges", "oc20_s2ef_toy_legacy/edges_every10", 10),
            ("oc20_is2re_toy/pyg2_tutorial", "oc20_is2re_toy", 1)]
   for new, old, step in pairs:
-    a, b = LmdbReader(str(shared_data / new)), LmdbReader(str(shared_data / old))
+    a = LmdbReader(str(shared_data / new))
+    b = LmdbReader(str(shared_data / old))
     assert len(b) == (len(a) - 1) // step + 1
     for i in range(len(b)):
       x, y = a[i * step], b[i]
@@ -75,7 +76,8 @@ def test_pyg1_and_pyg2_layouts_give_identical_arrays(shared_data):
 
 def test_fairchem_writer_wraps_positions_into_the_cell(shared_data):
   classic = LmdbReader(str(shared_data / "oc20_s2ef_toy/noedges"))
-  fairchem = LmdbReader(str(shared_data / "oc20_s2ef_toy/fairchem_core_1.9_noedges"))
+  fairchem = LmdbReader(
+      str(shared_data / "oc20_s2ef_toy/fairchem_core_1.9_noedges"))
   s, t = classic[50], fairchem[50]
   frac = np.linalg.solve(t.cell.T, t.positions.T).T
   assert (frac[:, :2] >= -1e-5).all() and (frac[:, :2] < 1 + 1e-5).all()
@@ -85,7 +87,8 @@ def test_fairchem_writer_wraps_positions_into_the_cell(shared_data):
   assert s.energy == t.energy and np.array_equal(s.forces, t.forces)
 
 
-@pytest.mark.parametrize("variant", ["oc20_is2re_toy", "oc20_is2re_toy/pyg2_tutorial"])
+@pytest.mark.parametrize("variant", ["oc20_is2re_toy",
+                                     "oc20_is2re_toy/pyg2_tutorial"])
 def test_is2re_files(shared_data, variant):
   reader = LmdbReader(str(shared_data / variant / "data.lmdb"))
   assert len(reader) == 10
@@ -98,7 +101,8 @@ def test_is2re_files(shared_data, variant):
   assert reader[0].energy == Y_FIRST
   assert abs(reader[9].energy - -3.2084) < 1e-4
   # Every entry pairs a frame with the same relaxed frame.
-  assert np.array_equal(reader[0].positions_relaxed, reader[9].positions_relaxed)
+  assert np.array_equal(reader[0].positions_relaxed,
+                        reader[9].positions_relaxed)
 
 
 def test_matsciml_lips_devset(shared_data):
@@ -108,7 +112,8 @@ def test_matsciml_lips_devset(shared_data):
   for i in range(0, 200, 7):
     s = reader[i]
     assert s.num_atoms == 83 and s.pbc.all() and s.cell.shape == (3, 3)
-    assert np.array_equal(np.bincount(s.atomic_numbers)[[3, 15, 16]], [27, 12, 44])
+    assert np.array_equal(np.bincount(s.atomic_numbers)[[3, 15, 16]],
+                          [27, 12, 44])
     assert (s.tags == TAG_UNKNOWN).all() and not s.fixed.any()
     assert s.forces.shape == (83, 3) and np.isfinite(s.forces).all()
     energies.append(s.energy)
@@ -164,7 +169,8 @@ def _entry(n=3, **overrides):
 
 def test_length_key_must_match_the_entries(tmp_path):
   _write_lmdb(tmp_path / "data.0000.lmdb", {0: _entry(), 1: _entry()}, length=3)
-  with pytest.raises(DataError, match=r"data.0000.lmdb, entry 'length'.*3 entries.*2"):
+  with pytest.raises(DataError,
+                     match=r"data.0000.lmdb, entry 'length'.*3 entries.*2"):
     LmdbReader(str(tmp_path))
 
 
@@ -180,7 +186,8 @@ def test_reader_refuses_foreign_pickles(tmp_path):
   import os
   _write_lmdb(tmp_path / "bad.lmdb", {0: pickle.dumps(os.getcwd)})
   reader = LmdbReader(str(tmp_path / "bad.lmdb"))
-  with pytest.raises(DataError, match=r"bad.lmdb, entry '0'.*refusing to load global"):
+  with pytest.raises(DataError,
+                     match=r"bad.lmdb, entry '0'.*refusing to load global"):
     reader[0]
 
 

@@ -107,5 +107,6 @@ def _edge_list(edges, mask):
 
 
 def _edge_list_stored(s, mask):
-  return list(zip(s.edge_index[0][mask].tolist(), s.edge_index[1][mask].tolist(),
+  return list(zip(s.edge_index[0][mask].tolist(),
+                  s.edge_index[1][mask].tolist(),
                   map(tuple, s.cell_offsets[mask].tolist())))

@@ -5,10 +5,10 @@ import pytest
 from ase.build import add_adsorbate, fcc111
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
-from data_prep import convert
-from matsci_jax.data import batching, pipeline
+from matsci_jax.data import batching, converter, pipeline
 from matsci_jax.data.ase_reader import structure_from_atoms
 from matsci_jax.data.dataset_io import Dataset, DatasetError
+from matsci_jax.data.graph_spec import GraphSpec, PointCloudSpec
 from matsci_jax.data.point_cloud import point_cloud, select_centers
 
 K = 12
@@ -103,9 +103,11 @@ def test_converter_writes_point_cloud_shards(tmp_path, representation):
   src = tmp_path / "frames.extxyz"
   _write_extxyz(src, 6)
   out = tmp_path / "ds"
-  convert.convert([f"train={src}"], out, task="s2ef", workers=1,
-                  progress=False, representation=representation,
-                  pc_neighbors=K, pc_bulk_samples=2, cutoff=5.0)
+  spec = GraphSpec(cutoff=5.0, representation=representation,
+                   point_cloud=PointCloudSpec(5.0, num_neighbors=K,
+                                              bulk_samples=2))
+  converter.convert([f"train={src}"], out, task="s2ef", workers=1,
+                    progress=False, graph_spec=spec)
   ds = Dataset(str(out))
   expected = (("point_cloud",) if representation == "point_cloud"
               else ("graph", "point_cloud"))
@@ -121,9 +123,8 @@ def test_converter_writes_point_cloud_shards(tmp_path, representation):
   assert ds.metadata["point_cloud"]["num_neighbors"] == K
   # The bulk sample is seeded per structure: same seed, same shards.
   again = tmp_path / "again"
-  convert.convert([f"train={src}"], again, task="s2ef", workers=2,
-                  progress=False, representation=representation,
-                  pc_neighbors=K, pc_bulk_samples=2, cutoff=5.0)
+  converter.convert([f"train={src}"], again, task="s2ef", workers=2,
+                    progress=False, graph_spec=spec)
   other = Dataset(str(again)).split("train", "point_cloud").source
   for i in range(6):
     assert np.array_equal(other[i]["receivers"], split.source[i]["receivers"])

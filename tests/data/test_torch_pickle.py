@@ -69,7 +69,8 @@ def test_strided_tensor_rebuild():
                                (0, (2, 2), (10**12, 1)), (0, (-1,), (1,))]:
     with pytest.raises(pickle.UnpicklingError):
       torch_pickle._rebuild_tensor(storage, offset, size, stride)
-  assert torch_pickle._rebuild_tensor(storage, 0, (0, 3), (3, 1)).shape == (0, 3)
+  empty = torch_pickle._rebuild_tensor(storage, 0, (0, 3), (3, 1))
+  assert empty.shape == (0, 3)
 
 
 def test_truncated_storage_stream_is_an_error():

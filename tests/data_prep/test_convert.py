@@ -3,6 +3,8 @@
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import lmdb
 import numpy as np
@@ -12,8 +14,10 @@ from ase.build import add_adsorbate, fcc100
 from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms
 
-from data_prep import convert
+from data_prep import convert as convert_cli
+from matsci_jax.data import converter
 from matsci_jax.data.dataset_io import Dataset, DatasetError
+from matsci_jax.data.graph_spec import GraphSpec, PointCloudSpec
 from matsci_jax.data.lmdb_reader import LmdbReader
 from matsci_jax.data.neighbors import neighbor_list
 from matsci_jax.data.structure import DataError
@@ -22,8 +26,8 @@ from matsci_jax.data.structure import DataError
 def test_round_trip_of_oc20_lmdb(shared_data, tmp_path):
   src = shared_data / "oc20_s2ef_toy/edges"
   out = tmp_path / "ds"
-  summary = convert.convert([f"train={src}"], out, task="s2ef", workers=2,
-                            progress=False)
+  summary = converter.convert([f"train={src}"], out, task="s2ef", workers=2,
+                              progress=False)
   assert summary.counts == {"train": 101} and summary.skipped == 0
   # tfds itself opens it, with no TensorFlow.
   source = tfds.builder_from_directory(str(out)).as_data_source("train")
@@ -35,21 +39,22 @@ def test_round_trip_of_oc20_lmdb(shared_data, tmp_path):
     assert np.array_equal(ex["forces"], s.forces.astype(np.float32))
     assert ex["energy"] == np.float32(s.energy)
     assert np.array_equal(ex["atomic_numbers"], s.atomic_numbers)
-    assert np.array_equal(ex["fixed"], s.fixed) and np.array_equal(ex["tags"], s.tags)
+    assert (np.array_equal(ex["fixed"], s.fixed)
+            and np.array_equal(ex["tags"], s.tags))
     assert (ex["sid"], ex["fid"]) == (s.sid, s.fid)
     edges = neighbor_list(s.positions, s.cell, s.pbc, 6.0, 50)
     assert np.array_equal(ex["senders"], edges.senders)
     assert np.array_equal(ex["cell_shifts"], edges.cell_shifts)
     assert ex["cell_shifts"].dtype == np.int8
-  import sys
   assert "tensorflow" not in sys.modules
 
 
 def test_metadata_and_statistics(shared_data, tmp_path):
   src = shared_data / "matsciml_lips_devset"
   out = tmp_path / "lips"
-  convert.convert([str(src)], out, task="s2ef", workers=1, val_fraction=0.2,
-                  split_seed=3, progress=False, cutoff=5.0, max_neighbors=0)
+  spec = GraphSpec(cutoff=5.0, max_neighbors=0)
+  converter.convert([str(src)], out, task="s2ef", workers=1, val_fraction=0.2,
+                    split_seed=3, progress=False, graph_spec=spec)
   ds = Dataset(str(out))
   assert ds.task == "s2ef" and ds.cutoff == 5.0 and ds.max_neighbors is None
   assert sorted(ds.splits) == ["train", "val"]
@@ -58,10 +63,13 @@ def test_metadata_and_statistics(shared_data, tmp_path):
   stats = train.statistics
   energies = np.array([train.source[i]["energy"] for i in range(len(train))],
                       np.float64)
-  np.testing.assert_allclose(stats["energy"]["mean"], energies.mean(), rtol=1e-6)
+  np.testing.assert_allclose(stats["energy"]["mean"], energies.mean(),
+                             rtol=1e-6)
   np.testing.assert_allclose(stats["energy"]["std"], energies.std(), rtol=1e-4)
-  forces = np.concatenate([train.source[i]["forces"] for i in range(len(train))])
-  np.testing.assert_allclose(stats["force_rms"], np.sqrt((forces.astype(np.float64) ** 2).mean()),
+  forces = np.concatenate([train.source[i]["forces"]
+                           for i in range(len(train))])
+  np.testing.assert_allclose(stats["force_rms"],
+                             np.sqrt((forces.astype(np.float64) ** 2).mean()),
                              rtol=1e-6)
   assert stats["atoms_histogram"] == {"values": [83], "counts": [160]}
   assert sum(stats["edges_histogram"]["counts"]) == 160
@@ -74,8 +82,9 @@ def test_metadata_and_statistics(shared_data, tmp_path):
   assert abs(fit - energies.mean()) < 1e-3
   # Seeded split: the same seed gives the same split.
   out2 = tmp_path / "lips2"
-  convert.convert([str(src)], out2, task="s2ef", workers=2, val_fraction=0.2,
-                  split_seed=3, progress=False, cutoff=5.0, max_neighbors=0)
+  converter.convert([str(src)], out2, task="s2ef", workers=2,
+                    val_fraction=0.2, split_seed=3, progress=False,
+                    graph_spec=spec)
   val2 = Dataset(str(out2)).split("val")
   assert [float(val.source[i]["energy"]) for i in range(40)] == [
       float(val2.source[i]["energy"]) for i in range(40)]
@@ -87,7 +96,7 @@ def test_reference_energy_fit_recovers_known_references(tmp_path):
   rng = np.random.default_rng(0)
   frames = []
   import ase
-  for k in range(30):
+  for _ in range(30):
     counts = {z: int(rng.integers(1, 6)) for z in refs}
     numbers = [z for z, c in counts.items() for _ in range(c)]
     atoms = ase.Atoms(numbers=numbers,
@@ -100,8 +109,8 @@ def test_reference_energy_fit_recovers_known_references(tmp_path):
     frames.append(atoms)
   import ase.io
   ase.io.write(tmp_path / "f.extxyz", frames)
-  convert.convert([f"train={tmp_path / 'f.extxyz'}"], tmp_path / "ds",
-                  task="s2ef", workers=1, progress=False)
+  converter.convert([f"train={tmp_path / 'f.extxyz'}"], tmp_path / "ds",
+                    task="s2ef", workers=1, progress=False)
   fit = Dataset(str(tmp_path / "ds")).split("train").statistics["energy"]
   for z, r in refs.items():
     assert abs(fit["element_references"][str(z)] - r) < 1e-6
@@ -109,8 +118,8 @@ def test_reference_energy_fit_recovers_known_references(tmp_path):
 
 
 def test_is2re_conversion_keeps_relaxed_targets(shared_data, tmp_path):
-  convert.convert([f"train={shared_data / 'oc20_is2re_toy'}"], tmp_path / "is",
-                  task="is2re", workers=1, progress=False)
+  converter.convert([f"train={shared_data / 'oc20_is2re_toy'}"],
+                    tmp_path / "is", task="is2re", workers=1, progress=False)
   split = Dataset(str(tmp_path / "is")).split("train")
   ex = split.source[3]
   assert ex["energy_relaxed"] == np.float32(-3.2182456713414496)
@@ -124,8 +133,8 @@ def test_test_split_without_targets(tmp_path):
   atoms.pbc = True
   import ase.io
   ase.io.write(tmp_path / "test.extxyz", [atoms, atoms])
-  convert.convert([f"test={tmp_path / 'test.extxyz'}"], tmp_path / "ds",
-                  task="s2ef", workers=1, progress=False)
+  converter.convert([f"test={tmp_path / 'test.extxyz'}"], tmp_path / "ds",
+                    task="s2ef", workers=1, progress=False)
   split = Dataset(str(tmp_path / "ds")).split("test")
   assert split.targets == {"energy": False, "forces": False}
   assert np.isnan(split.source[0]["energy"])
@@ -184,8 +193,8 @@ def test_bad_entry_stops_with_file_key_and_problem(tmp_path, kind):
                                               7: value, 9: _good(seed=2)})
   out = tmp_path / "out"
   with pytest.raises(DataError) as err:
-    convert.convert([f"train={path}"], out, task="s2ef", workers=1,
-                    progress=False)
+    converter.convert([f"train={path}"], out, task="s2ef", workers=1,
+                      progress=False)
   message = str(err.value)
   assert "data.0000.lmdb" in message and "entry '7'" in message
   assert __import__("re").search(problem, message), message
@@ -200,11 +209,14 @@ def test_skip_bad_skips_and_lists_entries(tmp_path):
   values[2] = BAD_ENTRIES["nan_positions"][0]
   values[4] = BAD_ENTRIES["undecodable"][0]
   path = _lmdb(tmp_path / "data.lmdb", values)
-  summary = convert.convert([f"train={path}"], tmp_path / "out", task="s2ef",
-                            workers=1, skip_bad=True, progress=False)
+  summary = converter.convert([f"train={path}"], tmp_path / "out",
+                              task="s2ef", workers=1, skip_bad=True,
+                              progress=False)
   assert summary.counts == {"train": 4} and summary.skipped == 2
-  rows = [json.loads(l) for l in open(tmp_path / "out" / "skipped.jsonl")]
-  assert [(r["key"], r["split"]) for r in rows] == [("2", "train"), ("4", "train")]
+  rows = [json.loads(line)
+          for line in open(tmp_path / "out" / "skipped.jsonl")]
+  assert [(r["key"], r["split"]) for r in rows] == [("2", "train"),
+                                                    ("4", "train")]
   assert "NaN" in rows[0]["problem"] and "decode" in rows[1]["problem"]
   assert Dataset(str(tmp_path / "out")).metadata["skipped"] == 2
 
@@ -212,32 +224,36 @@ def test_skip_bad_skips_and_lists_entries(tmp_path):
 def test_inconsistent_targets_within_a_split(tmp_path):
   path = _lmdb(tmp_path / "data.lmdb", {0: _good(seed=0),
                                         1: _good(seed=1, forces=None)})
-  with pytest.raises(DataError, match=r"entry '1'.*carries targets \['energy'\]"):
-    convert.convert([f"train={path}"], tmp_path / "out", task="s2ef",
-                    workers=1, progress=False)
+  with pytest.raises(DataError,
+                     match=r"entry '1'.*carries targets \['energy'\]"):
+    converter.convert([f"train={path}"], tmp_path / "out", task="s2ef",
+                      workers=1, progress=False)
 
 
 def test_existing_output_needs_overwrite(shared_data, tmp_path):
   src = shared_data / "oc20_is2re_toy"
   out = tmp_path / "out"
-  convert.convert([f"train={src}"], out, task="s2ef", workers=1, progress=False)
-  with pytest.raises(FileExistsError, match="--overwrite"):
-    convert.convert([f"train={src}"], out, task="s2ef", workers=1,
+  converter.convert([f"train={src}"], out, task="s2ef", workers=1,
                     progress=False)
-  convert.convert([f"val={src}"], out, task="s2ef", workers=1, progress=False,
-                  overwrite=True)
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    converter.convert([f"train={src}"], out, task="s2ef", workers=1,
+                      progress=False)
+  converter.convert([f"val={src}"], out, task="s2ef", workers=1,
+                    progress=False, overwrite=True)
   assert Dataset(str(out)).splits == ["val"]
   assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
-  path = _lmdb(tmp_path / "data.lmdb", {0: _good(), 3: BAD_ENTRIES["singular_cell"][0]})
-  code = convert.main(["--input", f"train={path}", "--output",
-                       str(tmp_path / "out"), "--task", "s2ef", "--workers", "1",
-                       "--no-progress"])
+  path = _lmdb(tmp_path / "data.lmdb",
+               {0: _good(), 3: BAD_ENTRIES["singular_cell"][0]})
+  code = convert_cli.main(["--input", f"train={path}", "--output",
+                           str(tmp_path / "out"), "--task", "s2ef",
+                           "--workers", "1", "--no-progress"])
   assert code == 2
   err = capsys.readouterr().err
-  assert err.startswith("error: ") and "data.lmdb, entry '3': cell is singular" in err
+  assert (err.startswith("error: ")
+          and "data.lmdb, entry '3': cell is singular" in err)
 
 
 def test_corrupt_dataset_folder_is_reported(tmp_path):
@@ -256,15 +272,16 @@ def test_ase_inputs_with_constraints_and_tags(tmp_path):
     slab = fcc100("Cu", (2, 2, 3), vacuum=6.0)
     add_adsorbate(slab, "O", 1.6 + 0.1 * k, "hollow")
     slab.pbc = True
-    tags = np.where(slab.get_tags() == 0, 2, np.where(slab.get_tags() == 1, 1, 0))
+    tags = np.where(slab.get_tags() == 0, 2,
+                    np.where(slab.get_tags() == 1, 1, 0))
     slab.set_tags(tags)
     slab.set_constraint(FixAtoms(mask=tags == 0))
     slab.calc = EMT()
     slab.get_forces()
     frames.append(slab)
   ase.io.write(tmp_path / "frames.extxyz", frames)
-  convert.convert([f"train={tmp_path / 'frames.extxyz'}"], tmp_path / "ds",
-                  task="s2ef", workers=1, progress=False)
+  converter.convert([f"train={tmp_path / 'frames.extxyz'}"], tmp_path / "ds",
+                    task="s2ef", workers=1, progress=False)
   split = Dataset(str(tmp_path / "ds")).split("train")
   for k in range(3):
     ex = split.source[k]
@@ -280,7 +297,7 @@ def test_bad_ase_frame_is_named_and_skipped_alone(tmp_path):
   import ase.io
   from ase.build import bulk
   frames = []
-  for k in range(10):
+  for _ in range(10):
     atoms = bulk("Cu", "fcc", a=3.6) * (2, 1, 1)
     atoms.calc = EMT()
     atoms.get_forces()
@@ -291,28 +308,93 @@ def test_bad_ase_frame_is_named_and_skipped_alone(tmp_path):
   lines[3 * 4 + 2] = "Cu 0.0 abc 0.0 0.0 0.0 0.0"  # Frame 3, first atom.
   path.write_text("\n".join(lines))
   with pytest.raises(DataError, match=r"f.extxyz, entry 3: ASE cannot read"):
-    convert.convert([f"train={path}"], tmp_path / "a", task="s2ef",
-                    workers=1, progress=False)
-  summary = convert.convert([f"train={path}"], tmp_path / "b", task="s2ef",
-                            workers=1, progress=False, skip_bad=True)
+    converter.convert([f"train={path}"], tmp_path / "a", task="s2ef",
+                      workers=1, progress=False)
+  summary = converter.convert([f"train={path}"], tmp_path / "b", task="s2ef",
+                              workers=1, progress=False, skip_bad=True)
   assert summary.counts == {"train": 9} and summary.skipped == 1
 
 
 def test_damaged_lmdb_names_the_file(tmp_path):
-  path = _lmdb(tmp_path / "data.0000.lmdb", {i: _good(seed=i) for i in range(50)})
+  path = _lmdb(tmp_path / "data.0000.lmdb",
+               {i: _good(seed=i) for i in range(50)})
   data = bytearray(path.read_bytes())
   for k in range(8192, len(data), 4096):  # Wreck every page header.
     data[k:k + 16] = b"\xff" * 16
   path.write_bytes(bytes(data))
-  with pytest.raises(DataError, match=r"data.0000.lmdb.*damaged|data.0000.lmdb.*cannot"):
-    convert.convert([f"train={path}"], tmp_path / "out", task="s2ef",
-                    workers=1, progress=False)
+  with pytest.raises(DataError, match=r"data.0000.lmdb.*damaged|"
+                     r"data.0000.lmdb.*cannot"):
+    converter.convert([f"train={path}"], tmp_path / "out", task="s2ef",
+                      workers=1, progress=False)
 
 
 def test_stale_partial_folders_are_removed(shared_data, tmp_path):
   stale = tmp_path / ".out.partial-999999999"
   stale.mkdir()
   (stale / "junk").write_text("x")
-  convert.convert([f"train={shared_data / 'oc20_is2re_toy'}"], tmp_path / "out",
-                  task="s2ef", workers=1, progress=False)
+  converter.convert([f"train={shared_data / 'oc20_is2re_toy'}"],
+                    tmp_path / "out", task="s2ef", workers=1, progress=False)
   assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+# --- the command line and the package boundary ------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+
+def _slab_frames(path, n=3):
+  import ase.io
+  frames = []
+  for k in range(n):
+    slab = fcc100("Cu", (2, 2, 3), vacuum=6.0)
+    add_adsorbate(slab, "O", 1.6 + 0.1 * k, "hollow")
+    slab.pbc = True
+    del slab.info["adsorbate_info"]  # Not writable to extxyz.
+    slab.calc = EMT()
+    slab.get_forces()
+    frames.append(slab)
+  ase.io.write(path, frames)
+  return path
+
+
+@pytest.mark.parametrize("flags, spec", [
+    ([], GraphSpec()),
+    (["--cutoff", "5", "--max-neighbors", "0", "--representation", "both",
+      "--pc-neighbors", "12", "--pc-bulk-samples", "2", "--split-seed", "3"],
+     GraphSpec(5.0, None, "both", PointCloudSpec(5.0, 12, 2, seed=3))),
+    (["--representation", "point_cloud", "--pc-cutoff", "4.5"],
+     GraphSpec(representation="point_cloud",
+               point_cloud=PointCloudSpec(4.5))),
+], ids=["defaults", "both", "point_cloud"])
+def test_cli_writes_the_graph_spec_of_its_flags(tmp_path, flags, spec):
+  src = _slab_frames(tmp_path / "frames.extxyz")
+  out = tmp_path / "ds"
+  run = subprocess.run(
+      [sys.executable, "-m", "data_prep.convert", "--input", f"train={src}",
+       "--output", str(out), "--task", "s2ef", "--workers", "1",
+       "--no-progress", *flags],
+      cwd=REPO, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr
+  assert run.stdout.startswith(f"wrote {out} (train: 3; skipped 0)")
+  metadata = Dataset(str(out)).metadata
+  assert {k: metadata[k] for k in spec.to_dict()} == spec.to_dict()
+  assert Dataset(str(out)).graph_spec == spec
+
+
+def test_the_package_imports_no_scripts(tmp_path):
+  """The library runs without data_prep/ and configs/ (not installed)."""
+  src = _slab_frames(tmp_path / "frames.extxyz", n=1)
+  code = (
+      "import sys\n"
+      "from matsci_jax.data import converter, devset\n"
+      f"converter.convert([{str(src)!r}], {str(tmp_path / 'ds')!r}, "
+      "task='s2ef', workers=1, val_fraction=0, progress=False)\n"
+      f"devset.is_built({str(tmp_path)!r}, 1)\n"
+      "print(sorted(m for m in sys.modules\n"
+      "             if m.split('.')[0] in ('data_prep', 'configs')))\n")
+  # From the repository root, where both would be importable.
+  run = subprocess.run([sys.executable, "-c", code], cwd=REPO,
+                       capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr
+  assert run.stdout.strip() == "[]"

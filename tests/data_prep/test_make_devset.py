@@ -8,8 +8,8 @@ from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms
 from ase.optimize import LBFGS
 
-from data_prep import make_devset
-from data_prep.make_devset import RAW_FILES, generate_raw
+from matsci_jax.data import devset
+from matsci_jax.data.devset import RAW_FILES, generate_raw
 
 NUM_SYSTEMS = 6
 ADSORBATE_NUMBERS = (1, 6, 7, 8)  # H, C, N, O
@@ -117,7 +117,7 @@ def test_is2re_relaxation(raw):
 def test_energies_are_referenced_as_in_oc20(raw):
   """Adsorption energies: total minus relaxed clean slab and gas refs."""
   data, _, _ = raw
-  gas = make_devset.gas_references()
+  gas = devset.gas_references()
   # OC20's recipe from EMT molecules, recomputed here from the molecules.
   molecules = {}
   for name in ("H2", "H2O", "CO", "N2"):
@@ -139,7 +139,7 @@ def test_energies_are_referenced_as_in_oc20(raw):
     ads = atoms[atoms.get_tags() == 2].get_chemical_symbols()
     expected = slab.get_potential_energy() + sum(gas[s] for s in ads)
     assert atoms.info["energy_reference"] == pytest.approx(expected, abs=1e-3)
-    assert make_devset.slab_energy(sid) == pytest.approx(
+    assert devset.slab_energy(sid) == pytest.approx(
         slab.get_potential_energy(), abs=1e-3)
     # Adsorption energies of small species on metals: a few eV at most.
     assert -8.0 < atoms.info["energy_relaxed"] < 4.0

@@ -1,4 +1,4 @@
-"""Every model: symmetries, forces as gradients, padding and ordering, cutoff."""
+"""Every model: symmetries, forces as gradients, padding, ordering, cutoff."""
 
 import re
 
@@ -300,3 +300,89 @@ def test_registry_from_config_rejects_unknown_fields():
   with pytest.raises(KeyError, match="unknown model"):
     models.get("nope")
   assert {"egnn", "megnet", "gala"} <= set(models.names())
+
+
+def test_register_takes_only_energy_models():
+  import flax.linen as nn
+
+  from matsci_jax.models import registry
+
+  class Plain(nn.Module):
+    def __call__(self, graph, positions=None):
+      return graph.nodes["mask"].astype(jnp.float32)
+
+  with pytest.raises(TypeError, match=r"Plain.*matsci_jax\.models\."
+                     r"EnergyModel"):
+    models.register("test_plain_module")(Plain)
+  assert "test_plain_module" not in models.names()
+
+  # Subclass fields, even without defaults, come before the base's dtype.
+  class Pairs(models.EnergyModel):
+    cutoff: float
+
+    def __call__(self, graph, positions=None):
+      return graph.nodes["mask"].astype(jnp.float32)
+
+  try:
+    assert models.register("test_pairs")(Pairs) is Pairs
+    model = models.get("test_pairs", cutoff=3.0)
+    assert model == Pairs(3.0)
+    assert model.clone(dtype=jnp.bfloat16).dtype == jnp.bfloat16
+    assert not model.per_graph_output and model.representation == "graph"
+  finally:
+    registry._MODELS.pop("test_pairs", None)
+
+
+def test_model_class_states_representation_and_per_graph_output():
+  assert models.model_class("gala").representation == "point_cloud"
+  assert models.model_class("egnn").representation == "graph"
+  assert models.model_class("megnet").representation == "graph"
+  with pytest.raises(KeyError, match="unknown model.*egnn"):
+    models.model_class("nope")
+  assert not models.get("egnn").per_graph_output
+  assert not models.get("gala").per_graph_output
+  assert not models.get("megnet", readout="per_atom").per_graph_output
+  assert models.get("megnet", readout="set2set").per_graph_output
+  for name in ("egnn", "megnet", "gala"):
+    model = models.get(name)
+    assert isinstance(model, models.EnergyModel)
+    assert model.dtype == jnp.float32
+    assert model.clone(dtype=jnp.bfloat16).dtype == jnp.bfloat16
+
+
+def test_edge_geometry_equals_the_inline_computation():
+  import e3nn_jax as e3nn
+
+  from matsci_jax.models import geometry
+
+  atoms = bulk("Cu", "fcc", a=3.6) * (2, 2, 2)
+  atoms.positions[3] += [0.11, -0.07, 0.05]
+  example = graph_from_atoms(atoms, 4.0, None)
+  n_edge = len(example["senders"])
+  graph = batch_examples([example], batching.Budget(
+      n_node=len(atoms) + 3, n_edge=n_edge + 9, n_graph=2))
+  positions = jnp.asarray(graph.nodes["positions"])
+  # Below the neighbour-list radius: some real edges lie beyond it.
+  cutoff = 3.0
+
+  def inline(x):
+    edge_mask = graph.edges["mask"]
+    vectors = geometry.edge_vectors(x, graph)
+    d2, d = geometry.safe_lengths(vectors, edge_mask, fill=cutoff / 2)
+    envelope = e3nn.poly_envelope(5, 2)(d / cutoff)
+    envelope = jnp.where(edge_mask & (d < cutoff), envelope, 0.0)
+    return vectors, d2, d, envelope
+
+  for run in (lambda f: f(positions), lambda f: jax.jit(f)(positions)):
+    new = run(lambda x: tuple(geometry.edge_geometry(x, graph, cutoff)))
+    for a, b in zip(new, run(inline), strict=True):
+      np.testing.assert_array_equal(a, b)
+  edge = geometry.edge_geometry(positions, graph, cutoff)
+  assert edge.vectors.shape == (n_edge + 9, 3)
+  mask = np.asarray(graph.edges["mask"])
+  envelope, d = np.asarray(edge.envelope), np.asarray(edge.d)
+  assert mask.sum() == n_edge
+  assert np.all(envelope[~mask] == 0) and np.all(d[~mask] == cutoff / 2)
+  assert np.all(envelope[mask & (d >= cutoff)] == 0)
+  assert (mask & (d >= cutoff)).any()
+  assert np.all(envelope[mask & (d < cutoff)] > 0)

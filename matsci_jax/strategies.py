@@ -1,0 +1,185 @@
+"""Device strategies: how one training job uses the devices it has.
+
+A strategy creates the training state on the devices, places each padded
+batch from the input pipeline where its step expects it, and builds the
+train and evaluation steps, so the training loop never branches on the
+layout:
+
+* `JitStrategy`: one `jax.jit` with declared shardings over a ("data",
+  "fsdp") mesh (`config.mesh`), FSDP when the "fsdp" axis is larger than
+  one; also the single-device case (a mesh of one).
+* `PmapStrategy`: the classic `jax.pmap`, the state replicated on every
+  local device (data parallel only).
+
+The input pipeline gives one padded batch per local device and
+micro-batch, stacked along a leading axis when there is more than one
+(`batches_per_step`); the steps themselves are in `matsci_jax.parallel`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import optax
+
+from matsci_jax import parallel
+from matsci_jax.train_state import TrainState
+
+
+class Strategy:
+  """What every strategy provides (see the module docstring).
+
+  Args:
+    grad_accum_steps: micro-batches per device and step.
+  """
+  name = ""
+
+  def __init__(self, grad_accum_steps: int = 1):
+    self.grad_accum_steps = int(grad_accum_steps)
+    self.local_devices = jax.local_device_count()
+
+  @property
+  def batches_per_step(self) -> int:
+    """Padded batches this process reads per training step."""
+    return self.local_devices * self.grad_accum_steps
+
+  @property
+  def eval_batches_per_step(self) -> int:
+    """Padded batches this process reads per evaluation step."""
+    return self.local_devices
+
+  def _shape_train(self, batch):
+    """[batches_per_step, ...] (or one batch) -> [devices, (micro,) ...]."""
+    if self.batches_per_step == 1:
+      return parallel.stack_batches([batch])
+    if self.grad_accum_steps > 1:
+      return parallel.split_micro_batches(batch, self.grad_accum_steps)
+    return batch
+
+  def _shape_eval(self, batch):
+    if self.local_devices == 1:
+      return parallel.stack_batches([batch])
+    return batch
+
+  def create_state(self, init: Callable[[jax.Array], TrainState],
+                   rng: jax.Array) -> TrainState:
+    """`init(rng)` run on the devices, laid out for the steps."""
+    raise NotImplementedError
+
+  def make_train_step(self, loss_fn: Callable,
+                      optimizer: optax.GradientTransformation,
+                      ema_decay: float) -> Callable:
+    """`step(state, placed batch) -> (state, metrics)`, jitted once."""
+    raise NotImplementedError
+
+  def make_eval_step(self, eval_step: Callable) -> Callable:
+    """`fn(ema params, placed batch) -> metric sums over all devices`."""
+    raise NotImplementedError
+
+  def place_train(self, batch):
+    """A training batch from the pipeline, placed for `make_train_step`."""
+    raise NotImplementedError
+
+  def place_eval(self, batch):
+    """An evaluation batch from the pipeline, placed for `make_eval_step`."""
+    raise NotImplementedError
+
+  def host_state(self, state: TrainState) -> TrainState:
+    """One copy of the state, as checkpoints store it."""
+    return state
+
+  def from_host_state(self, state: TrainState) -> TrainState:
+    """The inverse of `host_state`, for a restored checkpoint."""
+    return state
+
+  def host_metrics(self, metrics: dict) -> dict:
+    """Fetched step metrics as one value each."""
+    return metrics
+
+  def describe(self) -> dict:
+    return {"strategy": self.name, "count": jax.device_count(),
+            "mesh": None, "grad_accum_steps": self.grad_accum_steps}
+
+
+class JitStrategy(Strategy):
+  """One jitted step with declared shardings over a ("data", "fsdp") mesh.
+
+  Args:
+    mesh: see `parallel.make_mesh`.
+    grad_accum_steps: micro-batches per device and step.
+    fsdp_min_size: arrays smaller than this stay replicated under FSDP.
+  """
+  name = "jit"
+
+  def __init__(self, mesh: jax.sharding.Mesh, grad_accum_steps: int = 1,
+               fsdp_min_size: int = 2 ** 14):
+    super().__init__(grad_accum_steps)
+    self.mesh = mesh
+    self.fsdp_min_size = fsdp_min_size
+    self.shardings = None
+
+  def create_state(self, init, rng):
+    self.shardings = parallel.state_shardings(
+        jax.eval_shape(init, rng), self.mesh,
+        fsdp=self.mesh.shape["fsdp"] > 1, min_size=self.fsdp_min_size)
+    # Created in place: with FSDP no device ever holds all of it.
+    return jax.jit(init, out_shardings=self.shardings)(rng)
+
+  def make_train_step(self, loss_fn, optimizer, ema_decay):
+    return parallel.make_sharded_train_step(
+        loss_fn, optimizer, self.mesh, self.shardings, ema_decay,
+        self.grad_accum_steps)
+
+  def make_eval_step(self, eval_step):
+    return parallel.make_sharded_eval_step(eval_step, self.mesh,
+                                           self.shardings.ema_params)
+
+  def place_train(self, batch):
+    return parallel.to_global(self._shape_train(batch), self.mesh)
+
+  def place_eval(self, batch):
+    return parallel.to_global(self._shape_eval(batch), self.mesh)
+
+  def describe(self):
+    return dict(super().describe(), mesh=dict(self.mesh.shape))
+
+
+class PmapStrategy(Strategy):
+  """`jax.pmap` over the local devices, the state replicated on each."""
+  name = "pmap"
+
+  def create_state(self, init, rng):
+    return parallel.replicate(jax.jit(init)(rng))
+
+  def make_train_step(self, loss_fn, optimizer, ema_decay):
+    return parallel.make_pmap_train_step(loss_fn, optimizer, ema_decay,
+                                         self.grad_accum_steps)
+
+  def make_eval_step(self, eval_step):
+    step = parallel.make_pmap_eval_step(eval_step)
+    return lambda params, batch: parallel.unreplicate(step(params, batch))
+
+  def place_train(self, batch):
+    return self._shape_train(batch)
+
+  def place_eval(self, batch):
+    return self._shape_eval(batch)
+
+  def host_state(self, state):
+    return parallel.unreplicate(state)
+
+  def from_host_state(self, state):
+    return parallel.replicate(state)
+
+  def host_metrics(self, metrics: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: x[0], metrics)
+
+
+def from_config(config) -> Strategy:
+  """The strategy of `config.parallel.strategy` over `config.mesh`."""
+  accum = int(config.train.grad_accum_steps)
+  if config.parallel.strategy == "pmap":
+    return PmapStrategy(accum)
+  return JitStrategy(parallel.mesh_from_config(config), accum,
+                     config.parallel.fsdp_min_size)
