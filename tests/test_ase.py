@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from ase.calculators.calculator import PropertyNotImplementedError
 
-from matsci_jax import checkpoints, monitoring
+from matsci_jax import checkpoints, monitoring, tasks
 from matsci_jax.ase import Calculator
 from matsci_jax.data import batching, dataset_io
 
@@ -71,7 +71,7 @@ def test_molecule_without_cell_and_ase_relaxation_compile_rarely(trained):
 
 
 def test_is2re_model_has_no_forces(trained):
-  calc = Calculator(dataclasses.replace(trained, task="is2re"))
+  calc = Calculator(dataclasses.replace(trained, task=tasks.IS2RE))
   atoms = _val_atoms(trained)[0]
   atoms.calc = calc
   assert np.isfinite(atoms.get_potential_energy())
