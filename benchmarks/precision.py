@@ -1,6 +1,6 @@
 r"""bf16 against float32 on the dev set: prediction error and training.
 
-    python benchmarks/precision.py [--model egnn] [--steps 3000] [--record]
+    python -m benchmarks.precision [--model egnn] [--steps N] [--record]
 
 Trains the main command's S2EF config (configs/s2ef.py, built-in EMT dev
 set) twice, with `precision` "float32" and "bf16", then reports:
@@ -96,7 +96,8 @@ def compare(workdir: str) -> dict:
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--model", default="egnn")
-  p.add_argument("--steps", type=int, default=3000)
+  p.add_argument("--steps", type=int, default=None,
+                 help="training steps (default: the config's)")
   p.add_argument("--record", action="store_true")
   args = p.parse_args()
 
@@ -105,11 +106,11 @@ def main():
   from matsci_jax import train
 
   result = {"workload": {"config": f"configs/s2ef.py:{args.model}",
-                         "steps": args.steps}, "training": {}}
+                         "steps": args.steps or "config"}, "training": {}}
   with tempfile.TemporaryDirectory() as tmp:
     for precision in ("float32", "bf16"):
       config = s2ef.get_config(args.model)
-      config.train.num_steps = args.steps
+      config.train.num_steps = args.steps or config.train.num_steps
       config.train.progress_bar = False
       config.precision = precision
       workdir = os.path.join(tmp, precision)

@@ -4,11 +4,11 @@ r"""S2EF with EGNN on the built-in EMT dev set (energy and forces).
     python -m matsci_jax.main --config=configs/s2ef.py:megnet   (or :gala,
         :egnn_paper, :megnet_paper, :gala_paper; see configs/models.py)
 
-Hardware: a laptop CPU (2 cores) is enough. Expected cost: about 15 s to
+Hardware: a laptop CPU (2 cores) is enough. Expected cost: 40-50 s to
 build and convert the dev set on first use (cached in ~/.cache/matsci_jax),
-then about 4 minutes of training; validation force MAE ends well below the
-zero-force baseline and energy MAE well below the mean-energy baseline (the
-run prints both; README lists the numbers we get).
+then 2,400 steps, about 2 minutes at 20 steps/s on two cores; validation
+force MAE ends at about 0.066 eV/Å (zero-force baseline 0.25) and energy
+MAE at about 0.26 eV (mean-energy baseline 0.75). README lists the numbers.
 
 Point `data.path` at any folder made by `python -m data_prep.convert` to
 train on other data, e.g. `--config.data.path=/data/oc20/s2ef_200k`.
@@ -56,7 +56,10 @@ def get_config(model: str = "egnn") -> ml_collections.ConfigDict:
 
   # Optimizer: AdamW, warm-up then cosine decay, clipping, EMA for eval.
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.learning_rate = 2e-3
+  # EGNN: 2,400 steps at 4e-3 end near 3,000 steps at 2e-3 (validation
+  # force MAE 0.066 against 0.063 eV/Å, energy 0.26 against 0.28 eV) in 80%
+  # of the time; 2,000 steps stop at 0.072 eV/Å. Other configs keep 2e-3.
+  config.optimizer.learning_rate = 4e-3 if model == "egnn" else 2e-3
   config.optimizer.end_lr_factor = 0.01
   config.optimizer.warmup_steps = 50
   config.optimizer.weight_decay = 1e-6
@@ -67,7 +70,7 @@ def get_config(model: str = "egnn") -> ml_collections.ConfigDict:
 
   # Training loop, evaluation, checkpoints and logs.
   config.train = ml_collections.ConfigDict()
-  config.train.num_steps = 3000
+  config.train.num_steps = 2400
   config.train.seed = 0
   config.train.log_every = 50
   config.train.eval_every = 1000
