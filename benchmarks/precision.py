@@ -125,7 +125,7 @@ def main():
         os.path.join(tmp, "float32"))
   _results.report(
       "precision", "Mixed precision (bf16) against float32", result,
-      "`python benchmarks/precision.py --record`: the S2EF main command "
+      "`python -m benchmarks.precision --record`: the S2EF main command "
       "trained in float32 and in bf16; then the float32-trained model "
       "evaluated on the validation split in both precisions. CPUs without "
       "bf16 matrix units run bf16 slower than float32; the accuracy figures "
