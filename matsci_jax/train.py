@@ -46,6 +46,65 @@ def evaluate(eval_step, params, batches: inputs.Batches,
   return out
 
 
+def _resume(ckpt: checkpoints.Checkpoints, strategy: strategies.Strategy,
+            state, train_iter, workdir: str):
+  """(state, step) of the latest checkpoint, with the data iterator moved
+  to its position; (state, None) when there is none."""
+  step = ckpt.latest_step()
+  if step is not None:
+    host, position = ckpt.restore(step, strategy.host_state(state))
+    state = strategy.from_host_state(host)
+    train_iter.set_state(position)
+    monitoring.drop_rows_after(workdir, step)  # About to be redone.
+  return state, step
+
+
+def _train_loop(train_config, state, train_iter, train_step,
+                strategy: strategies.Strategy, log: monitoring.TrainLog,
+                ckpt: checkpoints.Checkpoints, run_evaluation):
+  """Steps from the state's step to `train_config.num_steps`, logging,
+  evaluating and checkpointing on schedule.
+
+  Returns:
+    (state, the last evaluation's metrics, the compile count after the
+    first evaluation, or None).
+  """
+  start = int(strategy.host_state(state).step)
+  last_step = train_config.num_steps
+  eval_results, warm_compiles = {}, None
+  if start == 0 and train_config.eval_at_start:
+    run_evaluation(0, state.ema_params)
+  kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
+  for step in range(start, last_step):
+    batch = next(train_iter)
+    graphs, atoms = (int(batch.globals["mask"].sum()),
+                     int(batch.nodes["mask"].sum()))
+    state, step_metrics = train_step(state, strategy.place_train(batch))
+    done = step + 1
+    if step == start:  # Compilation: keep its metrics, do not time it.
+      jax.block_until_ready(step_metrics)
+      log.add(step, step_metrics, None, None)
+      log.restart_clock()
+    else:
+      log.add(step, step_metrics, graphs, atoms)
+    if done % train_config.log_every == 0 or done == last_step:
+      log.flush(done)
+    evaluated = done % train_config.eval_every == 0 or done == last_step
+    if evaluated:
+      log.flush(done)
+      eval_results = run_evaluation(done, state.ema_params)
+      if warm_compiles is None:
+        warm_compiles = monitoring.compile_count()
+      log.restart_clock()
+    if done % train_config.checkpoint_every == 0 or done == last_step:
+      log.flush(done)
+      ckpt.save(done, strategy.host_state(state), train_iter.get_state(),
+                eval_results if evaluated else None)
+    if done == kill_at:
+      os.kill(os.getpid(), signal.SIGKILL)
+  return state, eval_results, warm_compiles
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains and evaluates a model; returns the final metrics.
@@ -94,7 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   first = train_data.first()
 
   def init(rng):
-    init_rng, _ = jax.random.split(rng)  # As runs before: same parameters.
+    init_rng, _ = jax.random.split(rng)  # A seed keeps its parameters.
     return train_state.TrainState.create(model.init(init_rng, first),
                                          optimizer)
 
@@ -109,71 +168,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                   num_params)
   run.write_config(config)
 
-  # Resume from the latest checkpoint, if any.
+  # Checkpoints (resuming from the latest, if any) and logs.
   ckpt = run.checkpoints(config.train.keep_checkpoints,
                          config.train.best_metric)
   train_iter = iter(train_data.dataset)
-  resumed_from = ckpt.latest_step()
-  if resumed_from is not None:
-    host, position = ckpt.restore(resumed_from, strategy.host_state(state))
-    state = strategy.from_host_state(host)
-    train_iter.set_state(position)
-    monitoring.drop_rows_after(run.path, resumed_from)  # About to be redone.
-  start = int(strategy.host_state(state).step)
-
+  state, resumed_from = _resume(ckpt, strategy, state, train_iter, run.path)
   writer = monitoring.MetricWriter(run.path)
   log = monitoring.TrainLog(
       writer, train_state.learning_rate_schedule(config),
       strategy.batches_per_step * train_data.budget.n_node,
-      config.train.num_steps, start, config.train.progress_bar,
+      config.train.num_steps, int(strategy.host_state(state).step),
+      config.train.progress_bar,
       lambda: f"{ckpt.latest_step()} in {run.path}", strategy.host_metrics,
       compiles_at_start)
 
-  def run_evaluation(step):
+  def run_evaluation(step, params):
     results = {f"{d.split.name}/{k}": v for d in eval_data for k, v in
-               evaluate(eval_step, state.ema_params, d, strategy).items()}
+               evaluate(eval_step, params, d, strategy).items()}
     writer.write(step, results)
     return results
 
-  eval_results, warm_compiles = {}, None
-  if start == 0 and config.train.eval_at_start:
-    run_evaluation(0)
-  kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
   try:
-    for step in range(start, config.train.num_steps):
-      batch = next(train_iter)
-      graphs, atoms = (int(batch.globals["mask"].sum()),
-                       int(batch.nodes["mask"].sum()))
-      state, step_metrics = train_step(state, strategy.place_train(batch))
-      done, last = step + 1, step + 1 == config.train.num_steps
-      if step == start:  # Compilation: keep its metrics, do not time it.
-        jax.block_until_ready(step_metrics)
-        log.add(step, step_metrics, None, None)
-        log.restart_clock()
-      else:
-        log.add(step, step_metrics, graphs, atoms)
-      if done % config.train.log_every == 0 or last:
-        log.flush(done)
-      evaluated = done % config.train.eval_every == 0 or last
-      if evaluated:
-        log.flush(done)
-        eval_results = run_evaluation(done)
-        if warm_compiles is None:
-          warm_compiles = monitoring.compile_count()
-        log.restart_clock()
-      if done % config.train.checkpoint_every == 0 or last:
-        log.flush(done)
-        ckpt.save(done, strategy.host_state(state), train_iter.get_state(),
-                  eval_results if evaluated else None)
-      if done == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
+    state, eval_results, warm_compiles = _train_loop(
+        config.train, state, train_iter, train_step, strategy, log, ckpt,
+        run_evaluation)
   finally:
     log.close()
     ckpt.wait()
 
   final_step = int(strategy.host_state(state).step)
   if not eval_results or final_step != config.train.num_steps:
-    eval_results = run_evaluation(final_step)
+    eval_results = run_evaluation(final_step, state.ema_params)
   compiles = monitoring.compile_count()
   result = {
       "step": final_step,
