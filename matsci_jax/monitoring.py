@@ -17,6 +17,7 @@ import numpy as np
 import tqdm
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CSV_HEADER = ["step", "metric", "value"]
 _lock = threading.Lock()
 _compiles = 0
 _installed = False
@@ -44,8 +45,8 @@ def drop_rows_after(workdir: str, step: int) -> None:
   if jax.process_index() != 0 or not os.path.exists(path):
     return
   with open(path, newline="") as f:
-    rows = list(csv.reader(f))
-  keep = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step]
+    rows = [r for r in csv.reader(f) if r != CSV_HEADER]
+  keep = [CSV_HEADER] + [r for r in rows if int(r[0]) <= step]
   tmp = path + ".tmp"
   with open(tmp, "w", newline="") as f:
     csv.writer(f).writerows(keep)
@@ -66,11 +67,13 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "metrics.csv")
-    new = not os.path.exists(path)
+    # Empty: a run killed before its first flush left the file, not rows.
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
     self._csv_file = open(path, "a", newline="")
     self._csv = csv.writer(self._csv_file)
     if new:
-      self._csv.writerow(["step", "metric", "value"])
+      self._csv.writerow(CSV_HEADER)
+      self._csv_file.flush()
     # tensorboardX writes event files without TensorFlow.
     from tensorboardX import SummaryWriter
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))

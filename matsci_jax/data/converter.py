@@ -171,6 +171,25 @@ def _normalize_inputs(inputs) -> list[tuple[Optional[str], str]]:
   return pairs
 
 
+def _check_settings(task, workers, val_fraction, test_fraction,
+                    examples_per_shard) -> None:
+  """Rejects impossible settings before any input is read (the graph
+  settings check themselves in `GraphSpec`)."""
+  if task not in schema.TASKS:
+    raise ValueError(f"task must be one of {schema.TASKS}, got {task!r}")
+  if workers is not None and workers < 0:
+    raise ValueError(f"workers must be >= 0 (0: all cores), got {workers}")
+  for flag, value in (("val", val_fraction), ("test", test_fraction)):
+    if not 0 <= value < 1:
+      raise ValueError(f"{flag} fraction must be in [0, 1), got {value}")
+  if val_fraction + test_fraction >= 1:
+    raise ValueError(f"val fraction {val_fraction} and test fraction "
+                     f"{test_fraction} leave no training structures")
+  if examples_per_shard < 1:
+    raise ValueError(f"examples per shard must be at least 1, got "
+                     f"{examples_per_shard}")
+
+
 def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
             output: str, *, task: str, graph_spec: GraphSpec = _DEFAULT_SPEC,
             workers: Optional[int] = None, val_fraction: float = 0.1,
@@ -209,8 +228,8 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
     ValueError: bad settings, or a split left without valid structures.
   """
   t0 = time.time()
-  if task not in schema.TASKS:
-    raise ValueError(f"task must be one of {schema.TASKS}, got {task!r}")
+  _check_settings(task, workers, val_fraction, test_fraction,
+                  examples_per_shard)
   output = os.path.abspath(os.fspath(output))
   if os.path.exists(output) and not overwrite:
     raise FileExistsError(f"{output} already exists; pass --overwrite to "

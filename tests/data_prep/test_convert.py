@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -254,6 +255,30 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
   err = capsys.readouterr().err
   assert (err.startswith("error: ")
           and "data.lmdb, entry '3': cell is singular" in err)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-neighbors", "-5"], "max_neighbors must be >= 0"),
+    (["--cutoff", "0"], "cutoff must be positive"),
+    (["--cutoff", "-1"], "cutoff must be positive"),
+    (["--representation", "point_cloud", "--pc-neighbors", "0"],
+     "num_neighbors >= 1"),
+    (["--val-fraction", "1.5"], r"val fraction must be in \[0, 1\)"),
+    (["--val-fraction", "0.6", "--test-fraction", "0.4"],
+     "leave no training structures"),
+    (["--workers", "-1"], "workers must be >= 0"),
+    (["--examples-per-shard", "0"], "examples per shard must be at least 1"),
+])
+def test_cli_checks_settings_before_reading_data(tmp_path, capsys, flags,
+                                                 message):
+  """The input does not exist: a settings error must come first."""
+  code = convert_cli.main(["--input", str(tmp_path / "nothing.extxyz"),
+                           "--output", str(tmp_path / "out"), "--task",
+                           "s2ef", "--no-progress", *flags])
+  err = capsys.readouterr().err
+  assert code == 2 and err.startswith("error: "), err
+  assert re.search(message, err), err
+  assert not (tmp_path / "out").exists()
 
 
 def test_corrupt_dataset_folder_is_reported(tmp_path):
