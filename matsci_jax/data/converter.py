@@ -172,7 +172,7 @@ def _normalize_inputs(inputs) -> list[tuple[Optional[str], str]]:
 
 
 def _check_settings(task, workers, val_fraction, test_fraction,
-                    examples_per_shard) -> None:
+                    examples_per_shard, ase_format) -> None:
   """Rejects impossible settings before any input is read (the graph
   settings check themselves in `GraphSpec`)."""
   if task not in schema.TASKS:
@@ -188,6 +188,10 @@ def _check_settings(task, workers, val_fraction, test_fraction,
   if examples_per_shard < 1:
     raise ValueError(f"examples per shard must be at least 1, got "
                      f"{examples_per_shard}")
+  if ase_format is not None:
+    from ase.io.formats import ioformats
+    if ase_format not in ioformats:
+      raise ValueError(f"ASE has no file format {ase_format!r}")
 
 
 def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
@@ -229,7 +233,7 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
   """
   t0 = time.time()
   _check_settings(task, workers, val_fraction, test_fraction,
-                  examples_per_shard)
+                  examples_per_shard, ase_format)
   output = os.path.abspath(os.fspath(output))
   if os.path.exists(output) and not overwrite:
     raise FileExistsError(f"{output} already exists; pass --overwrite to "

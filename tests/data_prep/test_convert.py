@@ -268,6 +268,7 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
      "leave no training structures"),
     (["--workers", "-1"], "workers must be >= 0"),
     (["--examples-per-shard", "0"], "examples per shard must be at least 1"),
+    (["--ase-format", "xyzz"], "ASE has no file format 'xyzz'"),
 ])
 def test_cli_checks_settings_before_reading_data(tmp_path, capsys, flags,
                                                  message):
