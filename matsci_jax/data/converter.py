@@ -31,6 +31,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import tqdm
+from absl import logging
 
 from matsci_jax.data import dataset_io, processes, schema
 from matsci_jax.data import readers as readers_lib
@@ -235,6 +236,7 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
   _check_settings(task, workers, val_fraction, test_fraction,
                   examples_per_shard, ase_format)
   output = os.path.abspath(os.fspath(output))
+  _recover_interrupted_swap(output)
   if os.path.exists(output) and not overwrite:
     raise FileExistsError(f"{output} already exists; pass --overwrite to "
                           "replace it")
@@ -350,9 +352,8 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
                  skipped=len(skipped), seconds=time.time() - t0)
 
 
-def _remove_stale_partials(parent: str, base: str) -> None:
-  """Deletes temporary folders left by conversions that were killed."""
-  prefix = f".{base}.partial-"
+def _leftovers(parent: str, prefix: str):
+  """Names `prefix + PID` in `parent` whose process is gone."""
   for name in os.listdir(parent):
     if not name.startswith(prefix) or not name[len(prefix):].isdigit():
       continue
@@ -365,7 +366,37 @@ def _remove_stale_partials(parent: str, base: str) -> None:
     except PermissionError:
       alive = True
     if not alive:
-      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+      yield name
+
+
+def _remove_stale_partials(parent: str, base: str) -> None:
+  """Deletes temporary folders left by conversions that were killed."""
+  for name in _leftovers(parent, f".{base}.partial-"):
+    shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _recover_interrupted_swap(output: str) -> None:
+  """Finishes or undoes an `--overwrite` swap that a killed run left.
+
+  The swap renames the old output to `.NAME.old-PID`, moves the new one
+  into place and deletes the old one. Killed between the renames, the
+  output is missing and the old data hidden: it is put back. Killed before
+  the deletion, the old data is deleted.
+  """
+  parent, base = os.path.split(output)
+  if not os.path.isdir(parent):
+    return
+  for name in _leftovers(parent, f".{base}.old-"):
+    path = os.path.join(parent, name)
+    if os.path.exists(output):
+      shutil.rmtree(path, ignore_errors=True)
+      logging.warning("removed %s, the old data of a finished --overwrite "
+                      "of %s that was killed before deleting it", path,
+                      output)
+    else:
+      os.replace(path, output)
+      logging.warning("restored %s from %s: a conversion replacing it was "
+                      "killed before it finished", output, path)
 
 
 def _flag_problem(expected: dict, got: dict, split: str) -> str:

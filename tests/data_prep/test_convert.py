@@ -363,6 +363,29 @@ def test_stale_partial_folders_are_removed(shared_data, tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
+def test_interrupted_overwrite_is_recovered(shared_data, tmp_path, caplog):
+  """A run killed between the two renames of --overwrite hid the old data
+  as .out.old-PID and left no output; the next run puts it back."""
+  src = shared_data / "oc20_is2re_toy"
+  out = tmp_path / "out"
+  converter.convert([f"train={src}"], out, task="s2ef", workers=1,
+                    progress=False)
+  before = Dataset(str(out)).split("train").sizes
+  os.replace(out, tmp_path / ".out.old-999999999")  # The kill's state.
+  with pytest.raises(FileExistsError, match="pass --overwrite"):
+    converter.convert([f"val={src}"], out, task="s2ef", workers=1,
+                      progress=False)
+  assert "restored" in caplog.text and sorted(os.listdir(tmp_path)) == ["out"]
+  np.testing.assert_array_equal(Dataset(str(out)).split("train").sizes,
+                                before)
+  # Killed after the swap, before deleting the old data: it is deleted.
+  (tmp_path / ".out.old-999999999").mkdir()
+  converter.convert([f"val={src}"], out, task="s2ef", workers=1,
+                    progress=False, overwrite=True)
+  assert sorted(os.listdir(tmp_path)) == ["out"]
+  assert Dataset(str(out)).splits == ["val"]
+
+
 # --- the command line and the package boundary ------------------------------
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
