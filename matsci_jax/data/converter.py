@@ -22,6 +22,7 @@ it in `skipped.jsonl`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -40,6 +41,8 @@ from matsci_jax.data.neighbors import NEIGHBOR_RULE
 from matsci_jax.data.statistics import SplitStatistics, summarize
 from matsci_jax.data.structure import DataError
 
+# A split carries the targets of the majority of its first valid entries.
+TARGETS_VOTE = 100
 _CHUNK = 256  # Entries per work unit; ASE readers parse frames in such blocks.
 _DEFAULT_SPEC = GraphSpec()  # Frozen: one shared default is safe.
 
@@ -277,6 +280,26 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
                                       (worker,))
     bar = tqdm.tqdm(total=total, unit="struct", disable=not progress,
                     desc=f"convert {name}")
+    vote = _TargetVote()
+
+    def handle(item):
+      split = item[1]
+      if item[0] == "ok":
+        _, _, where, serialized, summary, entry_flags = item
+        if flags.setdefault(split, vote.targets[split]) != entry_flags:
+          item = ("bad", split, where, _flag_problem(
+              flags[split], entry_flags, split))
+        else:
+          writers[split].write(serialized)
+          stats[split].add(summary)
+      if item[0] == "bad":
+        _, _, (path, key), problem = item
+        if not skip_bad:
+          raise DataError(path, key, problem + (
+              " (pass --skip-bad to skip such entries)"))
+        skipped.append({"file": path, "key": key, "split": split,
+                        "problem": problem})
+
     try:
       for chunk in results:
         for item in chunk:
@@ -285,22 +308,11 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
             writers[split] = dataset_io.ShardedWriter(tmp, name, split,
                                                       examples_per_shard)
             stats[split] = SplitStatistics()
-          if item[0] == "ok":
-            _, _, where, serialized, summary, entry_flags = item
-            if flags.setdefault(split, entry_flags) != entry_flags:
-              item = ("bad", split, where, _flag_problem(
-                  flags[split], entry_flags, split))
-            else:
-              writers[split].write(serialized)
-              stats[split].add(summary)
-          if item[0] == "bad":
-            _, _, (path, key), problem = item
-            if not skip_bad:
-              raise DataError(path, key, problem + (
-                  " (pass --skip-bad to skip such entries)"))
-            skipped.append({"file": path, "key": key, "split": split,
-                            "problem": problem})
+          for ready in vote.add(item):
+            handle(ready)
         bar.update(len(chunk))
+      for ready in vote.finish():
+        handle(ready)
     finally:
       bar.close()
       if hasattr(results, "close"):
@@ -399,8 +411,41 @@ def _recover_interrupted_swap(output: str) -> None:
                       "killed before it finished", output, path)
 
 
+class _TargetVote:
+  """Decides which targets each split carries: those of the majority of
+  its first `size` valid entries (a tie goes to the earliest). Valid
+  entries wait until their split is decided; bad ones pass at once.
+  """
+
+  def __init__(self, size: int = TARGETS_VOTE):
+    self.size = size
+    self.held: dict[str, list] = {}
+    self.targets: dict[str, dict] = {}
+
+  def add(self, item) -> list:
+    """Items ready to handle, in input order within each split."""
+    split = item[1]
+    if item[0] != "ok" or split in self.targets:
+      return [item]
+    self.held.setdefault(split, []).append(item)
+    return self._decide(split) if len(self.held[split]) >= self.size else []
+
+  def finish(self) -> list:
+    return [item for split in list(self.held) for item in
+            self._decide(split)]
+
+  def _decide(self, split: str) -> list:
+    items = self.held.pop(split)
+    key = lambda flags: tuple(sorted(flags.items()))  # noqa: E731
+    votes = collections.Counter(key(item[5]) for item in items)
+    top = max(votes.values())
+    self.targets[split] = next(item[5] for item in items
+                               if votes[key(item[5])] == top)
+    return items
+
+
 def _flag_problem(expected: dict, got: dict, split: str) -> str:
   have = sorted(k for k, v in got.items() if v)
   want = sorted(k for k, v in expected.items() if v)
-  return (f"entry carries targets {have} but earlier entries of split "
+  return (f"entry carries targets {have} but most entries of split "
           f"{split!r} carry {want}; a split must be consistent")

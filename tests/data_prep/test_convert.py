@@ -231,6 +231,25 @@ def test_inconsistent_targets_within_a_split(tmp_path):
                       workers=1, progress=False)
 
 
+def test_majority_decides_a_splits_targets(tmp_path):
+  """The first entry lacks forces, the five after it have them: the first
+  is the odd one out, whatever its position."""
+  values = {i: _good(seed=i) for i in range(1, 6)}
+  values[0] = _good(seed=0, forces=None)
+  path = _lmdb(tmp_path / "data.lmdb", values)
+  with pytest.raises(DataError,
+                     match=r"entry '0'.*carries targets \['energy'\]"):
+    converter.convert([f"train={path}"], tmp_path / "out", task="s2ef",
+                      workers=1, progress=False)
+  summary = converter.convert([f"train={path}"], tmp_path / "out",
+                              task="s2ef", workers=1, skip_bad=True,
+                              progress=False)
+  assert summary.counts == {"train": 5} and summary.skipped == 1
+  targets = Dataset(str(tmp_path / "out")).metadata["splits"]["train"][
+      "targets"]
+  assert targets == {"energy": True, "forces": True}
+
+
 def test_existing_output_needs_overwrite(shared_data, tmp_path):
   src = shared_data / "oc20_is2re_toy"
   out = tmp_path / "out"
