@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -44,6 +45,14 @@ _MODEL_FIELDS = ("model", "task", "normalizer", "cutoff")
 
 class CheckpointError(ValueError):
   """A path that is not a training workdir, or a checkpoint that is absent."""
+
+
+class UnseenElementError(ValueError):
+  """A structure holds an element the model never saw in training."""
+
+
+class UnseenElementWarning(UserWarning):
+  """A structure holds an element the model never saw in training."""
 
 
 def _tuples(value):
@@ -90,13 +99,17 @@ class RunFolder:
 
   def write_model(self, model_config, task: tasks.Task,
                   normalizer: Normalizer, graph_spec: GraphSpec,
-                  dataset: str, num_params: int) -> None:
-    """What `load` needs to rebuild the model and its inputs."""
+                  dataset: str, num_params: int,
+                  elements: Sequence[int] | None = None) -> None:
+    """What `load` needs to rebuild the model and its inputs, and the
+    atomic numbers its training data held."""
     if self.writer:
       _write_json(self.file(MODEL_FILE), {
           "model": model_config.to_dict(), "task": task.name,
           "normalizer": normalizer.to_dict(), "dataset": dataset,
-          **graph_spec.to_dict(), "num_params": num_params})
+          **graph_spec.to_dict(), "num_params": num_params,
+          "elements": None if elements is None else sorted(
+              int(z) for z in elements)})
 
   def read_model(self) -> dict:
     """model.json, with its graph settings as `graph_spec` and its task as
@@ -197,6 +210,9 @@ class Trained:
       training dataset's cutoff, neighbour cap and slots).
     dataset: the converted dataset folder it was trained on.
     workdir: the run's folder.
+    elements: atomic numbers in its training data (None: not recorded).
+      Others have a reference energy of zero and an untrained embedding:
+      `example` warns once per such element.
   """
   model: Any
   params: Any
@@ -207,12 +223,17 @@ class Trained:
   graph_spec: GraphSpec
   dataset: str
   workdir: str
+  elements: tuple[int, ...] | None = None
+  _warned: set = dataclasses.field(default_factory=set, init=False,
+                                   repr=False, compare=False)
 
-  def example(self, structure) -> dict:
+  def example(self, structure, strict: bool = False) -> dict:
     """A structure as the stored example this model reads.
 
     Args:
       structure: `ase.Atoms` or `matsci_jax.data.structure.Structure`.
+      strict: an element absent from the training data is an error
+        (`UnseenElementError`) instead of a warning.
 
     Returns:
       Its graph or point cloud (`graph_spec`), as `batching.collate`
@@ -220,7 +241,27 @@ class Trained:
     """
     if not isinstance(structure, Structure):
       structure = structure_from_atoms(structure, "<atoms>", 0)
+    self._check_elements(structure, strict)
     return self.graph_spec.example(structure, self.task.name)
+
+  def _check_elements(self, structure: Structure, strict: bool) -> None:
+    if self.elements is None:
+      return
+    unseen = sorted(set(structure.atomic_numbers.tolist())
+                    - set(self.elements))
+    if not unseen:
+      return
+    message = (f"element(s) Z={unseen} in {structure.source[0]}, entry "
+               f"{structure.source[1]!r} never appeared in the training "
+               f"data of {self.workdir}: their reference energies are zero "
+               "and their embeddings untrained, so predictions for them "
+               "mean little")
+    if strict:
+      raise UnseenElementError(message)
+    new = [z for z in unseen if z not in self._warned]
+    if new:
+      self._warned.update(new)
+      warnings.warn(message, UnseenElementWarning, stacklevel=3)
 
   @property
   def energy_fn(self) -> Callable:
@@ -325,4 +366,6 @@ def load(path: str, *, checkpoint: str | int = "best", ema: bool = True,
       model=model, params=state["ema_params" if ema else "params"],
       normalizer=Normalizer.from_dict(info["normalizer"]), config=config,
       task=info["task"], step=step, graph_spec=info["graph_spec"],
-      dataset=info.get("dataset", ""), workdir=workdir)
+      dataset=info.get("dataset", ""), workdir=workdir,
+      elements=(None if info.get("elements") is None
+                else tuple(info["elements"])))

@@ -50,6 +50,9 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "Structures per batch.")
 _RELAX = flags.DEFINE_bool("relax", False, "Relax every structure (FIRE).")
 _FMAX = flags.DEFINE_float("fmax", 0.05, "Relaxation threshold, eV/Å.")
 _STEPS = flags.DEFINE_integer("steps", 300, "Most FIRE steps.")
+_STRICT = flags.DEFINE_bool(
+    "strict", False, "Stop at a structure with an element the model never "
+    "saw in training (default: warn once per element).")
 
 
 def read_structures(paths: Sequence[str]) -> Iterator[Structure]:
@@ -79,7 +82,8 @@ def _batches(items, size):
 
 
 def predict(trained: checkpoints.Trained, structures, *, batch_size: int = 16,
-            relaxation: dict | None = None) -> tuple[list[dict], dict]:
+            relaxation: dict | None = None,
+            strict: bool = False) -> tuple[list[dict], dict]:
   """Predicts every structure.
 
   Args:
@@ -89,6 +93,8 @@ def predict(trained: checkpoints.Trained, structures, *, batch_size: int = 16,
       bucketed, so that few shapes compile).
     relaxation: None, or `relax.relax` keywords (fmax, steps) to relax the
       structures first.
+    strict: an element absent from the model's training data is an error
+      (`checkpoints.UnseenElementError`), not a warning.
 
   Returns:
     (rows, arrays): one dict per structure for the table, and the
@@ -104,10 +110,10 @@ def predict(trained: checkpoints.Trained, structures, *, batch_size: int = 16,
   positions, counts = [], []
   index = 0
   for group in _batches(structures, batch_size):
+    examples = [trained.example(s, strict) for s in group]
     if relaxation is not None:
       results = relax.relax(trained, [s.to_atoms() for s in group],
                             **relaxation)
-    examples = [trained.example(s) for s in group]
     budget = batching.bucket_budget(examples, n_graph=batch_size + 1)
     e, f = jax.device_get(fn(trained.params, batching.collate(examples,
                                                               budget)))
@@ -199,8 +205,9 @@ def main(argv):
                 else None)
   try:
     rows, arrays = predict(trained, read_structures(_INPUT.value),
-                           batch_size=_BATCH.value, relaxation=relaxation)
-  except DataError as e:
+                           batch_size=_BATCH.value, relaxation=relaxation,
+                           strict=_STRICT.value)
+  except (DataError, checkpoints.UnseenElementError) as e:
     raise SystemExit(f"bad input: {e}") from e
   if not rows:
     raise SystemExit(f"no structures in {', '.join(_INPUT.value)}")

@@ -165,7 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
       strategy.host_state(state).params))
   run.write_model(config.model, task, normalizer, spec, data.folder,
-                  num_params)
+                  num_params, train_split.statistics.get("element_counts"))
   run.write_config(config)
 
   # Checkpoints (resuming from the latest, if any) and logs.

@@ -2,6 +2,7 @@
 and clear errors for folders that are not runs."""
 
 import json
+import warnings
 
 import ml_collections
 import numpy as np
@@ -55,3 +56,27 @@ def test_trained_builds_the_graphs_it_was_trained_on(trained_s2ef):
   counts = np.bincount(example["receivers"], minlength=len(atoms))
   assert counts.max() <= trained.graph_spec.max_neighbors
   assert isinstance(trained.config, ml_collections.ConfigDict)
+
+
+def test_unseen_elements_warn_once_or_stop(trained_s2ef):
+  from ase.build import bulk
+
+  from matsci_jax.ase import Calculator
+  from matsci_jax.data.ase_reader import structure_from_atoms
+  trained = checkpoints.load(trained_s2ef)
+  assert 29 in trained.elements and 26 not in trained.elements  # Cu, Fe.
+  seen = bulk("Cu", "fcc", a=3.6) * (2, 2, 2)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # A known element warns nothing.
+    trained.example(seen)
+  iron = seen.copy()
+  iron.numbers[:2] = 26
+  iron.calc = Calculator(trained)
+  with pytest.warns(checkpoints.UnseenElementWarning, match=r"Z=\[26\]"):
+    iron.get_potential_energy()
+  iron.positions[0] += 0.05
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # Once per element.
+    iron.get_potential_energy()
+  with pytest.raises(checkpoints.UnseenElementError, match="entry 7"):
+    trained.example(structure_from_atoms(iron, "fe.xyz", 7), strict=True)

@@ -88,3 +88,19 @@ def test_predict_with_relaxation_to_parquet(trained_s2ef, tmp_path):
   assert not os.path.exists(path + ".partial")
   with pytest.raises(ValueError, match=".csv or .parquet"):
     predict.write_table(rows, str(tmp_path / "x.txt"))
+
+
+def test_strict_stops_at_an_unseen_element(trained_s2ef):
+  from ase.build import bulk
+
+  from matsci_jax.data.ase_reader import structure_from_atoms
+  trained = checkpoints.load(trained_s2ef)
+  atoms = bulk("Cu", "fcc", a=3.6) * (2, 2, 2)
+  atoms.numbers[0] = 26
+  structures = [structure_from_atoms(atoms, "fe.extxyz", 3)]
+  with pytest.raises(checkpoints.UnseenElementError,
+                     match=r"Z=\[26\] in fe.extxyz, entry 3"):
+    predict.predict(trained, structures, strict=True)
+  with pytest.warns(checkpoints.UnseenElementWarning):
+    rows, _ = predict.predict(trained, structures)
+  assert len(rows) == 1 and np.isfinite(rows[0]["energy"])
