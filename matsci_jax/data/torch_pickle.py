@@ -18,6 +18,7 @@ stride, requires_grad, hooks[, metadata])`.
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import struct
 from typing import Any
@@ -102,6 +103,13 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False,
     raise pickle.UnpicklingError(
         f"tensor of size {size}, stride {stride} and offset {offset} "
         f"overruns its storage of {storage.size} elements")
+  # Saved tensors hold their own elements: a layout that needs more than
+  # the storage has (stride 0 repeating a few bytes 1e8 times) is crafted.
+  if math.prod(size) > storage.size - offset:
+    raise pickle.UnpicklingError(
+        f"tensor of size {size} needs {math.prod(size)} elements but its "
+        f"storage holds {max(storage.size - offset, 0)} after offset "
+        f"{offset}")
   itemsize = storage.dtype.itemsize
   return np.lib.stride_tricks.as_strided(
       storage[offset:], shape=size,

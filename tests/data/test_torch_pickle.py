@@ -69,6 +69,12 @@ def test_strided_tensor_rebuild():
                                (0, (2, 2), (10**12, 1)), (0, (-1,), (1,))]:
     with pytest.raises(pickle.UnpicklingError):
       torch_pickle._rebuild_tensor(storage, offset, size, stride)
+  # Stride 0 would repeat 12 elements into 10**8 (a 696-byte pickle once
+  # became a 6 GB structure): more elements than the storage holds.
+  with pytest.raises(pickle.UnpicklingError, match="needs 100000000"):
+    torch_pickle._rebuild_tensor(storage, 0, (10**8, 1), (0, 0))
+  with pytest.raises(pickle.UnpicklingError, match="needs 12 elements"):
+    torch_pickle._rebuild_tensor(storage, 1, (12,), (0,))
   empty = torch_pickle._rebuild_tensor(storage, 0, (0, 3), (3, 1))
   assert empty.shape == (0, 3)
 
