@@ -188,6 +188,17 @@ def _open(path: str) -> lmdb.Environment:
                     max_readers=1024)
   except lmdb.Error as e:
     raise DataError(path, None, f"cannot open as an LMDB file: {e}") from e
+  # A truncated file (an interrupted download or copy) would crash the
+  # process with a bus error where a read reaches past its end: check that
+  # it holds every page its header counts.
+  data = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
+  need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+  have = os.path.getsize(data)
+  if have < need:
+    env.close()
+    raise DataError(path, None, f"the file is truncated: it has {have} "
+                    f"bytes but its LMDB header counts {need}; copy or "
+                    "download it again")
   _ENVS[key] = env
   return env
 

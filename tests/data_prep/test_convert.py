@@ -373,6 +373,24 @@ def test_damaged_lmdb_names_the_file(tmp_path):
                       workers=1, progress=False)
 
 
+def test_truncated_lmdb_is_named_not_a_crash(shared_data, tmp_path):
+  """An interrupted copy: the process must survive (a bus error killed it)
+  and the error must name the file, from the command line too."""
+  src = shared_data / "oc20_s2ef_toy" / "noedges"
+  shard = sorted(src.glob("*.lmdb"))[0]
+  cut = tmp_path / "s2ef" / shard.name
+  cut.parent.mkdir()
+  cut.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+  code = subprocess.run(
+      [sys.executable, "-m", "data_prep.convert", "--input",
+       f"train={cut.parent}", "--output", str(tmp_path / "out"), "--task",
+       "s2ef", "--workers", "1", "--no-progress"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert code.returncode == 2, code.stderr[-2000:]
+  assert re.search(rf"error: {re.escape(str(cut))}.*truncated", code.stderr)
+  assert not (tmp_path / "out").exists()
+
+
 def test_stale_partial_folders_are_removed(shared_data, tmp_path):
   stale = tmp_path / ".out.partial-999999999"
   stale.mkdir()
