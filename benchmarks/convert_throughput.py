@@ -84,7 +84,7 @@ def main():
             "structures_per_s_per_core": round(
                 n / seconds / min(workers, os.cpu_count()), 1)})
   # After the runs: importing jax starts threads, which would make the
-  # converter start its workers with forkserver instead of fork.
+  # converter start its workers with spawn instead of fork.
   _results.report("convert_throughput", "Converter throughput", results,
                   "`python -m benchmarks.convert_throughput --record`. "
                   "Target: 300 structures/s per core.", save=args.record)

@@ -39,6 +39,6 @@ def main(argv: list[str] | None = None) -> None:
         f"{s['total_seconds']:.1f} s in total")
 
 
-# Worker processes import this module under forkserver: build only when run.
+# Worker processes import this module under spawn: build only when run.
 if __name__ == "__main__":
   main()

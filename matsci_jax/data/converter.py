@@ -27,6 +27,8 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -272,6 +274,7 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   writers, stats, flags, skipped = {}, {}, {}, []
+  restore_sigterm = _exit_on_sigterm()
   try:
     if workers == 1 or total <= _CHUNK:
       results = map(worker.process, jobs)
@@ -359,9 +362,27 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  finally:
+    restore_sigterm()
   return Summary(output=output,
                  counts={s: len(st.n_atoms) for s, st in stats.items()},
                  skipped=len(skipped), seconds=time.time() - t0)
+
+
+def _exit_on_sigterm():
+  """Makes SIGTERM (what job schedulers send) raise SystemExit, so that a
+  terminated conversion cleans up as after an error; returns the undo."""
+  if threading.current_thread() is not threading.main_thread():
+    return lambda: None
+
+  def stop(signum, frame):
+    del frame
+    raise SystemExit(128 + signum)
+
+  previous = signal.signal(signal.SIGTERM, stop)
+  if previous is None:  # Installed outside Python: restore the default.
+    previous = signal.SIG_DFL
+  return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _leftovers(parent: str, prefix: str):

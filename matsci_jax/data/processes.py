@@ -2,19 +2,24 @@
 
 `fork` starts workers at once and shares the parent's loaded modules, but
 forking a process that runs other threads (jax's thread pools, grain's
-prefetchers) can deadlock the child. Such processes use `forkserver`, which
-forks from a clean single-threaded server instead; like `spawn`, it imports
-the calling script's `__main__` module in the workers, so scripts need an
-`if __name__ == "__main__":` guard. A worker that dies raises an error here
-rather than hanging the run.
+prefetchers) can deadlock the child. Such processes use `spawn`, which
+starts fresh interpreters that import the calling script's `__main__`
+module, so scripts need an `if __name__ == "__main__":` guard. (Not
+`forkserver`: its server outlives a killed caller, with its workers.)
+Workers are the caller's children and die with it, and a worker that dies
+raises an error here rather than hanging the run.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import ctypes
+import ctypes.util
 import multiprocessing
 import os
+import signal
+import sys
 import threading
 from typing import Callable, Iterable, Iterator
 
@@ -30,7 +35,26 @@ def pool_context():
   """A multiprocessing context that is safe to start workers from here."""
   if _thread_count() == 1:
     return multiprocessing.get_context("fork")
-  return multiprocessing.get_context("forkserver")
+  return multiprocessing.get_context("spawn")
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int, initializer, initargs) -> None:
+  """Worker initializer: the kernel kills this worker when its parent, the
+  caller, dies, so a killed run leaves no workers behind."""
+  if sys.platform.startswith("linux"):
+    try:
+      libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
+                         use_errno=True)
+      libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+      pass
+  if os.getppid() != parent:  # It died just before.
+    os._exit(1)
+  if initializer is not None:
+    initializer(*initargs)
 
 
 def ordered_map(fn: Callable, jobs: Iterable, workers: int,
@@ -43,12 +67,13 @@ def ordered_map(fn: Callable, jobs: Iterable, workers: int,
 
   Raises:
     RuntimeError: a worker process died (e.g. killed, or a script without a
-      `__main__` guard under forkserver).
+      `__main__` guard under spawn).
   """
   limit = max(1, workers * in_flight_per_worker)
+  context = pool_context()
   with concurrent.futures.ProcessPoolExecutor(
-      workers, mp_context=pool_context(), initializer=initializer,
-      initargs=initargs) as pool:
+      workers, mp_context=context, initializer=_die_with_parent,
+      initargs=(os.getpid(), initializer, initargs)) as pool:
     pending = collections.deque()
     try:
       for job in jobs:

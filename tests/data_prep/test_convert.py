@@ -1,11 +1,14 @@
 """The converter: round trip, splits, statistics, and every bad-input error."""
 
+import glob
 import json
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import lmdb
 import numpy as np
@@ -389,6 +392,63 @@ def test_truncated_lmdb_is_named_not_a_crash(shared_data, tmp_path):
   assert code.returncode == 2, code.stderr[-2000:]
   assert re.search(rf"error: {re.escape(str(cut))}.*truncated", code.stderr)
   assert not (tmp_path / "out").exists()
+
+
+def _descendants(pid):
+  found, todo = [], [pid]
+  while todo:
+    p = todo.pop()
+    for task in glob.glob(f"/proc/{p}/task/*/children"):
+      try:
+        kids = [int(k) for k in open(task).read().split()]
+      except OSError:
+        continue
+      found += kids
+      todo += kids
+  return found
+
+
+def _alive(pid):
+  try:
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] \
+        != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_conversion_leaves_no_workers_or_partial_folder(tmp_path,
+                                                               sig):
+  import ase.io
+  from ase.build import bulk
+  rng = np.random.default_rng(0)
+  frames = []
+  for _ in range(3000):  # About 10 s of work: killed well before the end.
+    atoms = bulk("Cu", "fcc", a=3.6) * (4, 4, 4)
+    atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)
+    frames.append(atoms)
+  ase.io.write(tmp_path / "big.extxyz", frames)
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "data_prep.convert", "--input",
+       f"train={tmp_path / 'big.extxyz'}", "--output", str(tmp_path / "out"),
+       "--task", "s2ef", "--workers", "2", "--no-progress"],
+      cwd=REPO, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  workers = []
+  while time.time() < deadline and len(workers) < 2:
+    time.sleep(0.2)
+    workers = [p for p in _descendants(proc.pid) if _alive(p)]
+  assert len(workers) >= 2, "the workers never started"
+  time.sleep(1.0)
+  os.kill(proc.pid, sig)
+  assert proc.wait(timeout=120) != 0
+  deadline = time.time() + 30
+  while time.time() < deadline and any(_alive(p) for p in workers):
+    time.sleep(0.2)
+  assert not any(_alive(p) for p in workers), "workers outlived the run"
+  if sig == signal.SIGTERM:  # Cleaned up like an error.
+    assert sorted(os.listdir(tmp_path)) == ["big.extxyz"]
 
 
 def test_stale_partial_folders_are_removed(shared_data, tmp_path):
