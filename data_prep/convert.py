@@ -46,7 +46,8 @@ def _parse_args(argv):
   p.add_argument("--max-neighbors", type=int, default=50,
                  help="nearest neighbours kept per atom, 0 = all (default 50)")
   p.add_argument("--workers", type=int, default=None,
-                 help="worker processes (default: all cores)")
+                 help="worker processes (default: all cores, at most one "
+                 "per 1,000 entries)")
   p.add_argument("--val-fraction", type=float, default=0.1)
   p.add_argument("--test-fraction", type=float, default=0.0)
   p.add_argument("--split-seed", type=int, default=0)

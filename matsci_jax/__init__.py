@@ -28,7 +28,6 @@ from matsci_jax import _malloc
 
 _malloc.tune()  # Before jax starts its threads; see _malloc.py.
 
-from matsci_jax import _compat  # noqa: E402, F401  (before jraph is used)
 from matsci_jax import _lazy  # noqa: E402
 
 __version__ = "0.1.0"

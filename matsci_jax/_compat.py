@@ -1,8 +1,10 @@
 """Compatibility shims for the supported jax versions, kept in one place.
 
 jraph 0.0.6.dev0 still calls `jax.tree_map` and friends, which jax removed in
-favour of `jax.tree_util`. Aliasing them here (imported by the package's
-`__init__`) keeps jraph working on jax 0.10 and 0.11.
+favour of `jax.tree_util`. Aliasing them here (imported by every module that
+imports jraph) keeps jraph working on jax 0.10 and 0.11. Not imported by the
+package's `__init__`: data-only processes (converter workers) never load
+jax.
 """
 
 import jax

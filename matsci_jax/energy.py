@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import jraph
 import numpy as np
 
+from matsci_jax import _compat  # noqa: F401  (jraph needs it)
+
 NUM_ELEMENTS = 119
 
 

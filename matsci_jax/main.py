@@ -7,11 +7,8 @@ r"""Command-line entry point: parses flags and calls `train_and_evaluate`.
 import datetime
 import os
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
-
-from matsci_jax import parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py).",
@@ -33,6 +30,12 @@ def _fresh_workdir() -> str:
 
 
 def main(argv):
+  # Imported here, not above: worker processes that build the dev set start
+  # by importing this module, and need neither jax nor the trainer.
+  import jax
+
+  from matsci_jax import parallel, train
+
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:

@@ -19,7 +19,7 @@ import jax
 import jraph
 import numpy as np
 
-from matsci_jax import _compat  # noqa: F401
+from matsci_jax import _compat  # noqa: F401  (jraph needs it)
 
 
 class BudgetError(ValueError):

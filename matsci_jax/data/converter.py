@@ -46,6 +46,10 @@ from matsci_jax.data.structure import DataError
 # A split carries the targets of the majority of its first valid entries.
 TARGETS_VOTE = 100
 _CHUNK = 256  # Entries per work unit; ASE readers parse frames in such blocks.
+# A worker process takes about as long to start (a fresh interpreter that
+# imports numpy, ASE and tensorflow-datasets) as converting a few hundred
+# entries, so each worker gets at least this many or is not started.
+_MIN_ENTRIES_PER_WORKER = 1000
 _DEFAULT_SPEC = GraphSpec()  # Frozen: one shared default is safe.
 
 
@@ -218,7 +222,8 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
     graph_spec: graph edges and point-cloud slots to store (the point
       clouds' bulk centres are drawn per entry from its seed); written to
       the metadata.
-    workers: processes (default: all cores).
+    workers: processes (default: all cores, each with at least 1,000
+      entries to convert; fewer entries are converted in this process).
     val_fraction, test_fraction, split_seed: seeded split of bare paths.
     skip_bad: skip bad entries (listed in skipped.jsonl) instead of stopping.
     overwrite: replace an existing output folder.
@@ -245,6 +250,7 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
   if os.path.exists(output) and not overwrite:
     raise FileExistsError(f"{output} already exists; pass --overwrite to "
                           "replace it")
+  automatic = not workers
   workers = max(1, workers or os.cpu_count() or 1)
   name = name or "".join(c if c.isalnum() else "_" for c in
                          os.path.basename(output).lower()).strip("_") or "data"
@@ -276,6 +282,8 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
   writers, stats, flags, skipped = {}, {}, {}, []
   restore_sigterm = _exit_on_sigterm()
   try:
+    if automatic:
+      workers = min(workers, max(1, total // _MIN_ENTRIES_PER_WORKER))
     if workers == 1 or total <= _CHUNK:
       results = map(worker.process, jobs)
     else:

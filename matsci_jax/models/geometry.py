@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import jraph
 
+from matsci_jax import _compat  # noqa: F401  (jraph needs it)
+
 
 def edge_vectors(positions: jax.Array, graph: jraph.GraphsTuple) -> jax.Array:
   """Vectors from each centre (receiver) to its neighbour's image (sender).

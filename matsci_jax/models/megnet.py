@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import jraph
 import numpy as np
 
+from matsci_jax import _compat  # noqa: F401  (jraph needs it)
 from matsci_jax.models import geometry, registry, remat
 
 

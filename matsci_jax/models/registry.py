@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import jraph
 from flax.linen import kw_only_dataclasses
 
+from matsci_jax import _compat  # noqa: F401  (jraph needs it)
+
 
 class EnergyModel(nn.Module):
   """What every registered model is: a padded batch in, energies out.
