@@ -1,6 +1,19 @@
-"""Checks of a training config before anything runs (see configs/s2ef.py)."""
+"""Checks of a training config before anything runs (see configs/s2ef.py).
+
+`check_config` finds missing fields, unknown names and numbers outside the
+range a field allows, and names the field and that range, e.g.
+"config.data.batch_size = -4: must be an integer >= 1". Without it such
+values fail far from their cause (a cutoff of 0 as a division by zero deep
+in a model) or not at all (a negative batch size trains on one structure
+per batch).
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Optional
 
 import ml_collections
 
@@ -26,6 +39,113 @@ REQUIRED_FIELDS = {
 STRATEGIES = ("jit", "pmap")
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """The numbers a field allows.
+
+  Attributes:
+    integer: whether only integers are allowed.
+    low: smallest value (None: unbounded).
+    high: largest value (None: unbounded).
+    low_open: whether `low` itself is excluded.
+    high_open: whether `high` itself is excluded.
+    also: further values allowed outside the range (-1: "infer").
+  """
+  integer: bool
+  low: Optional[float] = None
+  high: Optional[float] = None
+  low_open: bool = False
+  high_open: bool = False
+  also: tuple = ()
+
+  def allows(self, value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+      return False
+    if self.integer and not isinstance(value, numbers.Integral):
+      return False
+    if value in self.also:
+      return True
+    if not math.isfinite(value):
+      return False
+    if self.low is not None and (value < self.low or (
+        self.low_open and value == self.low)):
+      return False
+    return self.high is None or not (value > self.high or (
+        self.high_open and value == self.high))
+
+  def describe(self) -> str:
+    bounds = []
+    if self.low is not None:
+      bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+    if self.high is not None:
+      bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+    text = ("an integer" if self.integer else "a finite number")
+    if bounds:
+      text += " " + " and ".join(bounds)
+    return text + "".join(f", or {v}" for v in self.also)
+
+
+def _integer(low=None, **kw) -> Range:
+  return Range(True, low, **kw)
+
+
+def _real(low=None, high=None, **kw) -> Range:
+  return Range(False, low, high, **kw)
+
+
+_COUNT = _integer(1)       # Sizes, steps and intervals.
+_OPTIONAL = _integer(0)    # 0: off, or taken from elsewhere.
+_FRACTION = _real(0, 1, high_open=True)
+_WEIGHT = _real(0)
+
+# Numeric fields of each section and their ranges. Model fields are checked
+# where the model config has them (models differ in their fields).
+NUMERIC_FIELDS = {
+    "data": {
+        "batch_size": _COUNT,
+        "max_nodes": _OPTIONAL, "max_edges": _OPTIONAL, "max_graphs": _OPTIONAL,
+        "num_workers": _OPTIONAL, "prefetch": _OPTIONAL, "seed": _OPTIONAL,
+        # The dev set needs a train and a val system.
+        "devset_num_systems": _integer(2),
+    },
+    "model": {
+        "cutoff": _real(0, low_open=True),
+        "hidden_dim": _COUNT, "num_layers": _COUNT, "num_radial": _COUNT,
+        "readout_hidden": _COUNT, "embed_dim": _COUNT, "num_blocks": _COUNT,
+        "num_gaussians": _COUNT, "set2set_steps": _COUNT, "depth": _COUNT,
+        "num_neighbors": _COUNT, "nearest_neighbors": _OPTIONAL,
+        "pairs_per_chunk": _OPTIONAL,
+        "avg_num_neighbors": _real(0, low_open=True),
+        "gaussian_width": _real(0, low_open=True),
+        "dilation": _real(0, low_open=True),
+        # Embeddings are indexed by atomic number, up to 118.
+        "num_species": _integer(119),
+    },
+    "loss": {"energy_weight": _WEIGHT, "force_weight": _WEIGHT},
+    "optimizer": {
+        "learning_rate": _real(0, low_open=True),
+        "end_lr_factor": _real(0, 1),
+        "warmup_steps": _OPTIONAL,
+        "weight_decay": _WEIGHT,
+        "b1": _FRACTION, "b2": _FRACTION,
+        "clip_norm": _WEIGHT,  # 0: no clipping.
+        "ema_decay": _FRACTION,
+    },
+    "train": {
+        "num_steps": _COUNT, "seed": _OPTIONAL, "log_every": _COUNT,
+        "eval_every": _COUNT, "checkpoint_every": _COUNT,
+        "keep_checkpoints": _COUNT, "grad_accum_steps": _COUNT,
+    },
+    "mesh": {"data": _integer(1, also=(-1,)), "fsdp": _integer(1, also=(-1,))},
+    "parallel": {"fsdp_min_size": _OPTIONAL},
+    "distributed": {"num_processes": _OPTIONAL,
+                    "process_id": _integer(0, also=(-1,))},
+}
+# Layer widths of the model configs (field -> fewest layers), each an
+# integer >= 1.
+WIDTH_FIELDS = {"pre": 1, "block_mlp": 1, "readout_mlp": 0}
+
+
 class ConfigError(ValueError):
   """A config that lacks a field or holds an impossible value."""
 
@@ -43,10 +163,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.data.task not in tasks.TASKS:
     raise ConfigError(f"config.data.task must be one of "
                       f"{tuple(tasks.TASKS)}, got {config.data.task!r}")
-  if config.train.num_steps < 1:
-    raise ConfigError("config.train.num_steps must be at least 1")
-  if config.train.grad_accum_steps < 1:
-    raise ConfigError("config.train.grad_accum_steps must be at least 1")
+  _check_numbers(config)
   if config.get("precision", "float32") not in PRECISIONS:
     raise ConfigError(f"config.precision must be one of {PRECISIONS}, got "
                       f"{config.precision!r}")
@@ -64,3 +181,49 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f"config.train.best_metric {config.train.best_metric!r} must be "
         f"'<eval split>/<metric>' with a split of config.data.eval_splits "
         f"{tuple(config.data.eval_splits)} and a metric of {known}")
+
+
+def _check_numbers(config: ml_collections.ConfigDict) -> None:
+  """Each numeric field within its range, then the ranges fields set for
+  each other."""
+  for section, ranges in NUMERIC_FIELDS.items():
+    values = config.get(section)
+    if values is None:  # Only `distributed` is optional.
+      continue
+    for field, allowed in ranges.items():
+      if field in values and not allowed.allows(values[field]):
+        raise ConfigError(f"config.{section}.{field} = {values[field]!r}: "
+                          f"must be {allowed.describe()}")
+  model = config.model
+  for field, least in WIDTH_FIELDS.items():
+    widths = model.get(field)
+    if widths is not None and (
+        isinstance(widths, (str, bytes)) or not hasattr(widths, "__len__")
+        or len(widths) < least or not all(_COUNT.allows(w) for w in widths)):
+      raise ConfigError(
+          f"config.model.{field} = {widths!r}: must be a "
+          f"{'non-empty ' if least else ''}sequence of integers >= 1")
+  if model.get("nearest_neighbors", 0) > model.get("num_neighbors", math.inf):
+    raise ConfigError(
+        f"config.model.nearest_neighbors = {model.nearest_neighbors}: must "
+        f"be at most config.model.num_neighbors ({model.num_neighbors}), or "
+        "0 for all of them")
+  if "dilation" in model and "hidden_dim" in model and (
+      int(model.hidden_dim * model.dilation) < 1):
+    raise ConfigError(
+        f"config.model.dilation = {model.dilation}: must make "
+        f"hidden_dim x dilation at least 1 (hidden_dim is "
+        f"{model.hidden_dim})")
+  if config.mesh.data == -1 and config.mesh.fsdp == -1:
+    raise ConfigError("config.mesh.data and config.mesh.fsdp are both -1: "
+                      "at most one of them may be inferred")
+  loss = config.loss
+  if tasks.get(config.data.task).forces:
+    if loss.energy_weight == 0 and loss.force_weight == 0:
+      raise ConfigError("config.loss.energy_weight and "
+                        "config.loss.force_weight are both 0: nothing would "
+                        "be trained; make at least one of them > 0")
+  elif loss.energy_weight == 0:
+    raise ConfigError(f"config.loss.energy_weight = 0: must be > 0 for task "
+                      f"{config.data.task!r}, whose only target is the "
+                      "energy")

@@ -8,6 +8,12 @@ Layouts handled (see `shared/data/README.md` of the test fixtures):
   without torch by `torch_pickle.loads`.
 * Field names of every writer generation (`y`/`energy`, `force`/`forces`,
   `y_init`/`y_relaxed`/`pos_relaxed`, float or uint8 atomic numbers, ...).
+
+Damaged or crafted entries raise `DataError` naming the file and entry, never
+another exception: values are decoded by the restricted unpickler, fields
+larger than a structure of `structure.MAX_ATOMS` atoms and
+`structure.MAX_EDGES` edges can hold are refused before they are converted,
+and a file shorter than its LMDB header says is refused on open.
 """
 
 from __future__ import annotations
@@ -21,13 +27,21 @@ import lmdb
 import numpy as np
 
 from matsci_jax.data import torch_pickle
-from matsci_jax.data.structure import DataError, Structure, TAG_UNKNOWN
+from matsci_jax.data.structure import (DataError, MAX_ATOMS, MAX_EDGES,
+                                       Structure, TAG_UNKNOWN)
 
 _ENERGY_KEYS = ("y", "energy", "potential-energy", "potential_energy",
                 "total_energy", "y_init")
 _FORCE_KEYS = ("force", "forces")
 _RELAXED_ENERGY_KEYS = ("y_relaxed", "energy_relaxed", "relaxed_energy")
 _RELAXED_POS_KEYS = ("pos_relaxed", "positions_relaxed")
+# Values per atom or per edge of the fields that scale with them; any other
+# field is a handful of numbers, held to the per-atom bound of 3.
+_PER_ATOM = {"atomic_numbers": 1, "tags": 1, "fixed": 1}
+_PER_EDGE = {"edge_index": 2, "cell_offsets": 3}
+# Nested Python lists are counted by walking them, and shared sub-lists let
+# a few bytes of pickle stand for billions of values; real files hold arrays.
+_MAX_LIST_VALUES = 10**6
 
 
 def _first(fields: dict, keys) -> Any:
@@ -37,25 +51,73 @@ def _first(fields: dict, keys) -> Any:
   return None
 
 
+def _list_values(value, limit: int) -> int:
+  """Items in nested lists at all levels, counted up to just past `limit`."""
+  count, stack = 0, [value]
+  while stack:
+    item = stack.pop()
+    if isinstance(item, (list, tuple)):
+      count += len(item)
+      if count > limit:
+        break
+      stack.extend(item)
+  return count
+
+
+def _array(value, name: str, dtype, path, key) -> np.ndarray:
+  """`value` as an array of `dtype` (None: its own), refusing more values
+  than a field `name` of the largest allowed structure holds."""
+  if name in _PER_EDGE:
+    limit = _PER_EDGE[name] * MAX_EDGES
+    bound = f"{MAX_EDGES:,} edges (structure.MAX_EDGES)"
+  else:
+    limit = _PER_ATOM.get(name, 3) * MAX_ATOMS
+    bound = f"{MAX_ATOMS:,} atoms (structure.MAX_ATOMS)"
+  if isinstance(value, (list, tuple)):
+    size = _list_values(value, _MAX_LIST_VALUES)
+    if size > _MAX_LIST_VALUES:
+      raise DataError(path, key, f"field {name!r} is a nested list of more "
+                      f"than {_MAX_LIST_VALUES:,} values; large fields must "
+                      "be arrays")
+  else:
+    size = np.size(value) if isinstance(value, np.ndarray) else 1
+  if size > limit:
+    raise DataError(path, key, f"field {name!r} has {size:,} values, more "
+                    f"than a structure of {bound} holds; the entry is "
+                    "damaged")
+  try:
+    return np.asarray(value, dtype=dtype)
+  except (TypeError, ValueError, OverflowError) as e:
+    raise DataError(path, key,
+                    f"field {name!r} is not numeric: {e}") from e
+
+
 def _as_int_id(value, path, key, name) -> int:
   if value is None:
     return -1
   if isinstance(value, (str, bytes)):
-    text = value.decode() if isinstance(value, bytes) else value
+    try:
+      text = value.decode() if isinstance(value, bytes) else value
+    except UnicodeDecodeError as e:
+      raise DataError(path, key, f"{name} is not text: {e}") from e
     match = re.search(r"(-?\d+)$", text)
     if match is None:
       raise DataError(path, key, f"{name} {text!r} is not an integer id")
     return int(match.group(1))
-  arr = np.asarray(value).reshape(-1)
+  arr = _array(value, name, None, path, key).reshape(-1)
   if arr.size != 1:
     raise DataError(path, key, f"{name} has {arr.size} values, expected one")
-  return int(arr[0])
+  try:
+    return int(arr[0])
+  except (TypeError, ValueError, OverflowError) as e:
+    raise DataError(path, key, f"{name} {arr[0]} is not an integer id: "
+                    f"{e}") from e
 
 
 def _as_float(value, path, key, name):
   if value is None:
     return None
-  arr = np.asarray(value, dtype=np.float64).reshape(-1)
+  arr = _array(value, name, np.float64, path, key).reshape(-1)
   if arr.size != 1:
     raise DataError(path, key, f"{name} has {arr.size} values, expected one")
   return float(arr[0])
@@ -70,15 +132,27 @@ def structure_from_fields(fields: dict, path: str, key) -> Structure:
     key: the entry's key.
 
   Raises:
-    DataError: a required field (positions, atomic numbers) is missing or a
-      field cannot be interpreted.
+    DataError: a required field (positions, atomic numbers) is missing, a
+      field cannot be interpreted, or it holds more values than a structure
+      of `MAX_ATOMS` atoms and `MAX_EDGES` edges can.
   """
+  try:
+    return _structure(fields, path, key)
+  except DataError:
+    raise
+  except (TypeError, ValueError, OverflowError, IndexError, KeyError,
+          AttributeError) as e:
+    raise DataError(path, key, f"cannot interpret the fields: "
+                    f"{type(e).__name__}: {e}") from e
+
+
+def _structure(fields: dict, path: str, key) -> Structure:
   def array(name, dtype):
-    try:
-      return np.asarray(fields[name], dtype=dtype)
-    except (TypeError, ValueError) as e:
-      raise DataError(path, key,
-                      f"field {name!r} is not numeric: {e}") from e
+    return _array(fields[name], name, dtype, path, key)
+
+  def optional(keys, dtype):
+    name = next((k for k in keys if k in fields), None)
+    return None if name is None else array(name, dtype)
 
   pos_key = "pos" if "pos" in fields else "positions"
   if pos_key not in fields:
@@ -87,10 +161,14 @@ def structure_from_fields(fields: dict, path: str, key) -> Structure:
   if "atomic_numbers" not in fields:
     raise DataError(path, key, "required field 'atomic_numbers' is missing; "
                     f"fields present: {sorted(fields)}")
-  positions = array(pos_key, np.float64)
   z = array("atomic_numbers", np.float64).reshape(-1)
+  positions = array(pos_key, np.float64)
   if not np.all(np.isfinite(z)) or np.any(z != np.round(z)):
     raise DataError(path, key, "atomic_numbers are not integers")
+  if np.any(np.abs(z) > 1000):  # Would wrap around in int32.
+    bad = int(np.argmax(np.abs(z) > 1000))
+    raise DataError(path, key, f"atomic number {z[bad]:g} of atom {bad} is "
+                    "outside 1..118")
   n = z.shape[0]
 
   if "cell" in fields:
@@ -102,7 +180,7 @@ def structure_from_fields(fields: dict, path: str, key) -> Structure:
   else:
     cell = np.zeros((3, 3))
   if "pbc" in fields:
-    pbc = np.asarray(fields["pbc"]).reshape(-1).astype(bool)
+    pbc = array("pbc", None).reshape(-1).astype(bool)
   else:
     # OC20 entries carry no pbc flag; their slabs are periodic in 3D.
     pbc = np.full(3, bool(np.any(cell != 0)))
@@ -112,10 +190,6 @@ def structure_from_fields(fields: dict, path: str, key) -> Structure:
   fixed = (array("fixed", np.float64) > 0.5 if "fixed" in fields
            else np.zeros(n, bool))
 
-  forces = _first(fields, _FORCE_KEYS)
-  relaxed_pos = _first(fields, _RELAXED_POS_KEYS)
-  edge_index = fields.get("edge_index")
-  offsets = fields.get("cell_offsets")
   return Structure(
       atomic_numbers=z.astype(np.int32),
       positions=positions,
@@ -124,15 +198,14 @@ def structure_from_fields(fields: dict, path: str, key) -> Structure:
       tags=tags.reshape(-1),
       fixed=fixed.reshape(-1),
       energy=_as_float(_first(fields, _ENERGY_KEYS), path, key, "energy"),
-      forces=None if forces is None else np.asarray(forces, np.float64),
+      forces=optional(_FORCE_KEYS, np.float64),
       energy_relaxed=_as_float(_first(fields, _RELAXED_ENERGY_KEYS), path,
                                key, "relaxed energy"),
-      positions_relaxed=(None if relaxed_pos is None
-                         else np.asarray(relaxed_pos, np.float64)),
+      positions_relaxed=optional(_RELAXED_POS_KEYS, np.float64),
       sid=_as_int_id(fields.get("sid"), path, key, "sid"),
       fid=_as_int_id(fields.get("fid"), path, key, "fid"),
-      edge_index=None if edge_index is None else np.asarray(edge_index),
-      cell_offsets=None if offsets is None else np.asarray(offsets),
+      edge_index=optional(("edge_index",), None),
+      cell_offsets=optional(("cell_offsets",), None),
       source=(path, key),
   )
 
@@ -192,7 +265,11 @@ def _open(path: str) -> lmdb.Environment:
   # process with a bus error where a read reaches past its end: check that
   # it holds every page its header counts.
   data = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
-  need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+  try:
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+  except lmdb.Error as e:
+    env.close()
+    raise DataError(path, None, f"cannot read the LMDB header: {e}") from e
   have = os.path.getsize(data)
   if have < need:
     env.close()

@@ -5,11 +5,21 @@ so the converter, the tests and the ASE calculator see one format whatever the
 source. Arrays keep the dtype they will be stored with; positions and cell stay
 float64 until they are written, so that neighbour lists are computed on the
 values the source holds.
+
+Bounds on one structure, far above any real entry (OC20 entries have fewer
+than 500 atoms and 25,000 stored edges, at most 50 per centre) and below
+what would exhaust memory; an entry beyond them is damaged or crafted:
+
+* `MAX_ATOMS` (10**6): atoms per structure.
+* `MAX_EDGES` (10**8): stored edges (`edge_index` columns) per structure.
+* `MIN_DISTANCE` (1e-6 Å): atoms closer than this, periodic images
+  included, are one atom written twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Optional
 
 import numpy as np
@@ -18,6 +28,10 @@ import numpy as np
 # 1 (surface) and 2 (adsorbate); a structure without tags must not be mistaken
 # for an all-bulk one.
 TAG_UNKNOWN = -1
+
+MAX_ATOMS = 10**6
+MAX_EDGES = 10**8
+MIN_DISTANCE = 1e-6
 
 
 class DataError(ValueError):
@@ -102,8 +116,11 @@ def validate(s: Structure) -> Structure:
   """Checks a structure and returns it; raises `DataError` on the first problem.
 
   Checks shapes, finiteness of positions, cell and targets, atomic numbers
-  in 1..118 and a non-singular cell along periodic directions. Targets may
-  be missing (test splits) but, when present, must be finite and well shaped.
+  in 1..118, a non-singular cell along periodic directions, at most
+  `MAX_ATOMS` atoms and `MAX_EDGES` stored edges, and that no two atoms (or
+  an atom and another's periodic image) are closer than `MIN_DISTANCE`.
+  Targets may be missing (test splits) but, when present, must be finite
+  and well shaped.
   """
   path, key = s.source
 
@@ -114,6 +131,13 @@ def validate(s: Structure) -> Structure:
   if n <= 0:
     fail(f"atomic_numbers must be a non-empty vector, got shape "
          f"{s.atomic_numbers.shape}")
+  if n > MAX_ATOMS:
+    fail(f"{n:,} atoms, more than the {MAX_ATOMS:,} a structure may have "
+         "(structure.MAX_ATOMS); the entry is damaged")
+  if s.edge_index is not None and s.edge_index.size > 2 * MAX_EDGES:
+    fail(f"{s.edge_index.size // 2:,} stored edges, more than the "
+         f"{MAX_EDGES:,} a structure may have (structure.MAX_EDGES); the "
+         "entry is damaged")
   if s.positions.shape != (n, 3):
     fail(f"positions have shape {s.positions.shape}, expected ({n}, 3)")
   if not np.all(np.isfinite(s.positions)):
@@ -137,6 +161,11 @@ def validate(s: Structure) -> Structure:
     if sv.min() < 1e-6 * scale:
       fail(f"cell is singular along its periodic directions "
            f"(pbc={s.pbc.tolist()}, cell={s.cell.tolist()})")
+  pair = coincident_atoms(s.positions, s.cell, s.pbc)
+  if pair is not None:
+    i, j, d = pair
+    fail(f"atoms {i} and {j} are at the same position ({d:.1e} Å apart, "
+         "periodic images included): an atom written twice")
   if s.tags.shape != (n,):
     fail(f"tags have shape {s.tags.shape}, expected ({n},)")
   if s.fixed.shape != (n,):
@@ -157,3 +186,74 @@ def validate(s: Structure) -> Structure:
     fail(f"positions_relaxed have shape {s.positions_relaxed.shape}, "
          f"expected ({n}, 3)")
   return s
+
+
+_GRID_OFFSETS = np.array(list(itertools.product((0.0, MIN_DISTANCE),
+                                                repeat=3)))
+
+
+def _invertible_lattice(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+  """`cell` with its non-periodic rows replaced by unit vectors orthogonal
+  to the periodic ones (which must be independent), so that it inverts."""
+  if pbc.all():
+    return cell
+  periodic = cell[pbc]
+  _, _, vt = np.linalg.svd(periodic.reshape(-1, 3), full_matrices=True)
+  lattice = cell.copy()
+  lattice[~pbc] = vt[len(periodic):]
+  return lattice
+
+
+def coincident_atoms(positions: np.ndarray, cell: np.ndarray,
+                     pbc: np.ndarray) -> Optional[tuple[int, int, float]]:
+  """Finds two atoms closer than `MIN_DISTANCE`, periodic images included.
+
+  Positions are wrapped into the cell along periodic directions, atoms
+  within reach of a cell face get an image across it, and the points are
+  hashed into cubes of 2 * MIN_DISTANCE on 8 grids offset by MIN_DISTANCE
+  along each axis: two points closer than MIN_DISTANCE share a cube on at
+  least one grid. Points sharing one are at most 2 * sqrt(3) * MIN_DISTANCE
+  apart, so such pairs may be reported too. Takes O(N log N).
+
+  Args:
+    positions: float [N, 3] finite Cartesian positions in Å.
+    cell: float [3, 3] lattice vectors as rows.
+    pbc: bool [3]; the periodic rows of `cell` must be independent.
+
+  Returns:
+    (i, j, distance) with i < j for one such pair, or None.
+  """
+  pbc = np.asarray(pbc, bool)
+  lattice = _invertible_lattice(cell, pbc)
+  inverse = np.linalg.inv(lattice)
+  frac = positions @ inverse
+  frac[:, pbc] -= np.floor(frac[:, pbc])
+  owners = np.arange(len(positions))
+  # 2 * MIN_DISTANCE in fractional units: lattice planes along an axis are
+  # 1 / |that column of the inverse| apart.
+  reach = 2 * MIN_DISTANCE * np.linalg.norm(inverse, axis=0)
+  for axis in np.flatnonzero(pbc):
+    near = frac[:, axis] < reach[axis]
+    image = frac[near]
+    image[:, axis] += 1.0
+    frac = np.concatenate([frac, image])
+    owners = np.concatenate([owners, owners[near]])
+  points = frac @ lattice
+  offsets = _GRID_OFFSETS
+  cubes = np.floor((points[None] + offsets[:, None]) / (2 * MIN_DISTANCE))
+  cubes = cubes.reshape(-1, 3)
+  grids = np.repeat(np.arange(len(offsets)), len(points))
+  member = np.tile(np.arange(len(points)), len(offsets))
+  # Sorted by grid, cube and owner, a cube holding two atoms has two
+  # neighbouring rows with different owners.
+  order = np.lexsort((owners[member], cubes[:, 2], cubes[:, 1], cubes[:, 0],
+                      grids))
+  cubes, grids, member = cubes[order], grids[order], member[order]
+  shared = np.flatnonzero(
+      (grids[1:] == grids[:-1]) & (cubes[1:] == cubes[:-1]).all(axis=1)
+      & (owners[member[1:]] != owners[member[:-1]]))
+  if not len(shared):
+    return None
+  a, b = member[shared[0]], member[shared[0] + 1]
+  return (int(owners[a]), int(owners[b]),
+          float(np.linalg.norm(points[a] - points[b])))

@@ -215,3 +215,55 @@ def test_ase_database_and_trajectory_files(tmp_path):
       assert abs(s.energy - frames[k].get_potential_energy()) < 1e-9
       np.testing.assert_allclose(s.forces, frames[k].get_forces(), atol=1e-12)
   assert [reader[k].sid for k in range(3)] == [100, 101, 102]  # From the db.
+
+
+def test_fields_beyond_the_structure_bounds_are_refused(tmp_path, monkeypatch):
+  from matsci_jax.data import lmdb_reader
+  monkeypatch.setattr(lmdb_reader, "MAX_ATOMS", 10)
+  monkeypatch.setattr(lmdb_reader, "MAX_EDGES", 20)
+  edges = np.zeros((2, 21), np.int64)
+  _write_lmdb(tmp_path / "a.lmdb", {
+      0: _entry(10, edge_index=edges[:, :20]), 1: _entry(11),
+      2: _entry(4, pos=np.zeros((11, 3), np.float32)),
+      3: _entry(4, edge_index=edges)})
+  reader = LmdbReader(str(tmp_path / "a.lmdb"))
+  assert reader[0].num_atoms == 10
+  with pytest.raises(DataError, match=r"a.lmdb, entry '1': field "
+                     r"'atomic_numbers' has 11 values, more than a structure "
+                     r"of 10 atoms \(structure.MAX_ATOMS\) holds"):
+    reader[1]
+  with pytest.raises(DataError, match=r"entry '2': field 'pos' has 33 values"):
+    reader[2]
+  with pytest.raises(DataError, match=r"entry '3': field 'edge_index' has 42 "
+                     r"values, more than a structure of 20 edges"):
+    reader[3]
+
+
+def test_nested_lists_sharing_sublists_are_not_expanded(tmp_path):
+  # About 1 kB of pickle standing for 2 million positions.
+  row = [0.5] * 10
+  bomb = [[[row] * 100] * 100] * 20
+  value = _entry(3, pos=bomb)
+  assert len(value) < 2000
+  _write_lmdb(tmp_path / "a.lmdb", {0: value,
+                                    1: _entry(3, pos=[[0.0, 0, 0], [1, 0, 0],
+                                                      [0, 1.0, 0]])})
+  reader = LmdbReader(str(tmp_path / "a.lmdb"))
+  with pytest.raises(DataError, match=r"entry '0': field 'pos' is a nested "
+                     r"list of more than 1,000,000 values"):
+    reader[0]
+  assert reader[1].positions.shape == (3, 3)  # Small lists still decode.
+
+
+@pytest.mark.parametrize("overrides,problem", [
+    ({"sid": np.float64(np.nan)}, r"sid nan is not an integer id"),
+    ({"fid": b"frame\xff"}, r"fid is not text"),
+    ({"atomic_numbers": np.array([29, 1e10, 29])},
+     r"atomic number 1e\+10 of atom 1 is outside 1..118"),
+    ({"pbc": [[True], [True, False]]}, r"field 'pbc' is not numeric"),
+    ({"forces": "abc"}, r"field 'forces' is not numeric"),
+])
+def test_uninterpretable_fields_name_the_entry(tmp_path, overrides, problem):
+  _write_lmdb(tmp_path / "a.lmdb", {5: _entry(3, **overrides)})
+  with pytest.raises(DataError, match=r"a.lmdb, entry '5': " + problem):
+    LmdbReader(str(tmp_path / "a.lmdb"))[0]
