@@ -13,12 +13,19 @@ on one device, whatever mesh or device count wrote it:
 
     trained = checkpoints.load("runs/20261201-120000")
     energies, forces = trained.energy_and_forces(trained.params, graph)
+
+Each saved step records a CRC-32 of every array of its state (in orbax's
+`_CHECKPOINT_METADATA` of the step, written with it); a restore compares
+them. A step that does not restore whole (unreadable, missing files,
+changed bytes) is skipped for the next newest one, with a
+`DamagedCheckpointWarning` naming it and why (see `checkpoint_integrity`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import warnings
 from typing import Any, Callable, Sequence
@@ -27,7 +34,10 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from matsci_jax import checkpoint_integrity as integrity
 from matsci_jax import models, tasks
+from matsci_jax.checkpoint_integrity import (  # noqa: F401  (public here)
+    CheckpointError, DamagedCheckpointWarning)
 from matsci_jax.models import precision as precision_lib
 from matsci_jax.data.ase_reader import structure_from_atoms
 from matsci_jax.data.graph_spec import GraphSpec
@@ -41,10 +51,7 @@ RESULT_FILE = "metrics.json"
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
 _MODEL_FIELDS = ("model", "task", "normalizer", "cutoff")
-
-
-class CheckpointError(ValueError):
-  """A path that is not a training workdir, or a checkpoint that is absent."""
+DAMAGED_SUFFIX = ".damaged"
 
 
 class UnseenElementError(ValueError):
@@ -151,9 +158,15 @@ class Checkpoints:
   position (so a resumed run reads the same batches); `best/` keeps the
   state with the lowest `best_metric` among evaluated steps. Every process
   calls `save` (arrays are written by the processes that hold them).
+
+  Saves run in the background: a save that fails (a full disk) raises a
+  `CheckpointError` from the next `save` or from `wait`. Each step records
+  the CRC-32 of the arrays that process 0 holds whole (all of them, on one
+  process); restores compare them.
   """
 
   def __init__(self, workdir: str, keep: int, best_metric: str):
+    integrity.quiet_orbax_noise()
     self.best_metric = best_metric
     self.latest = ocp.CheckpointManager(
         os.path.join(workdir, LATEST_DIR),
@@ -165,32 +178,139 @@ class Checkpoints:
             max_to_keep=1, create=True,
             best_fn=lambda m: m[best_metric], best_mode="min"),
         item_names=("state",))
+    self._saving = {}  # manager -> the step it may still be writing
+    self._reported_disk_full = False
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
 
-  def restore(self, step: int, state: Any) -> tuple[Any, Any]:
-    """(state, data position) of `step`, in the shardings of `state`
-    (restoring into them reshards a checkpoint written on another mesh)."""
+  def _restore(self, step: int, state: Any) -> tuple[Any, Any]:
+    saved = integrity.saved_checksums(
+        os.path.join(self.latest.directory, str(step)), "state")
     restored = self.latest.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(state), data=ocp.args.JsonRestore()))
+    integrity.verify(restored.state, saved)
     return restored.state, restored.data
+
+  def restore(self, step: int, state: Any) -> tuple[Any, Any]:
+    """(state, data position) of `step`, in the shardings of `state`
+    (restoring into them reshards a checkpoint written on another mesh).
+
+    Raises:
+      CheckpointError: the step does not restore whole; says why.
+    """
+    _, restored, _ = integrity.first_that_restores(
+        str(self.latest.directory), [step], lambda s: self._restore(s, state))
+    return restored
+
+  def restore_latest(self, state: Any) -> tuple[int, Any, Any] | None:
+    """(step, state, data position) of the newest checkpoint that restores
+    whole, None when there is none.
+
+    Newer ones that do not restore are named in a
+    `DamagedCheckpointWarning` and renamed to `<step>.damaged` (orbax
+    would otherwise not save those steps again).
+
+    Raises:
+      CheckpointError: there are checkpoints but none restores.
+    """
+    steps = self.latest.all_steps()
+    if not steps:
+      return None
+    folder = str(self.latest.directory)
+    step, (host, data), skipped = integrity.first_that_restores(
+        folder, sorted(steps, reverse=True),
+        lambda s: self._restore(s, state),
+        "\nMove the folder away to start the run afresh.")
+    moved = self._set_aside(folder, [s for s, _ in skipped])
+    integrity.warn_skipped(folder, skipped, step,
+                  lambda s: f"; moved to {moved[s]}" if s in moved else "")
+    return step, host, data
+
+  def _set_aside(self, folder: str, steps: list[int]) -> dict[int, str]:
+    moved = {}
+    if steps and jax.process_index() == 0:
+      for step in steps:
+        path = os.path.join(folder, str(step))
+        target, k = path + DAMAGED_SUFFIX, 1
+        while os.path.exists(target):
+          k += 1
+          target = f"{path}{DAMAGED_SUFFIX}{k}"
+        os.rename(path, target)
+        moved[step] = target
+    if steps:
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("matsci_jax damaged checkpoints")
+      self.latest.reload()
+    return moved
+
+  def _guard(self, manager, step, call) -> None:
+    """Runs `call`; a full disk becomes one `CheckpointError` (once: the
+    other manager's save fails for the same reason)."""
+    try:
+      call()
+    except Exception as e:
+      if not integrity.is_disk_full(e):
+        raise
+      if self._reported_disk_full:
+        return
+      self._reported_disk_full = True
+      for other in (self.latest, self.best):
+        try:  # Left running, it would fail again as the process exits.
+          other.wait_until_finished()
+        except Exception:  # The same full disk, or an error already seen.
+          pass
+      raise integrity.disk_full_error(str(manager.directory), step,
+                             self.latest.latest_step()) from None
+
+  def _finish(self, manager) -> None:
+    """Waits for the background save of `manager`, which may fail."""
+    self._guard(manager, self._saving.pop(manager, None),
+                manager.wait_until_finished)
+
+  def _save(self, manager, step: int, args, **kwargs) -> None:
+    self._finish(manager)
+    self._saving[manager] = step
+    self._guard(manager, step,
+                lambda: manager.save(step, args=args, **kwargs))
 
   def save(self, step: int, state: Any, data: Any,
            eval_results: dict | None = None) -> None:
     """Saves `state` and the data position; also as the best state when
-    `eval_results` hold the best metric."""
-    self.latest.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)))
+    `eval_results` hold the best metric.
+
+    Raises:
+      CheckpointError: this or the previous save ran out of disk space.
+    """
+    # Hashed now, from the arrays being saved: orbax writes the step's
+    # metadata (process 0) in the background with the arrays.
+    metadata = integrity.checksums(state) if jax.process_index() == 0 else None
+    self._save(self.latest, step, ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)),
+        custom_metadata=metadata)
     if eval_results and self.best_metric in eval_results:
-      self.best.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state)), metrics=eval_results)
+      self._save(self.best, step, ocp.args.Composite(
+          state=ocp.args.StandardSave(state)), metrics=eval_results,
+          custom_metadata=metadata)
 
   def wait(self) -> None:
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    """Waits for both background saves.
+
+    Raises:
+      CheckpointError: one ran out of disk space.
+    """
+    errors = []
+    for manager in (self.latest, self.best):
+      try:
+        self._finish(manager)
+      except Exception as e:  # The other still has to be waited for.
+        errors.append(e)
+    if errors:
+      raise errors[0]
 
   def close(self) -> None:
+    self.wait()
     self.latest.close()
     self.best.close()
 
@@ -307,23 +427,47 @@ def _steps(folder: str) -> list[int]:
 
 
 def _restore_on_one_device(folder: str, step: int) -> dict:
-  """A saved training state, whatever its shardings, on the first device."""
+  """A saved training state, whatever its shardings, on the first device,
+  checked against its checksums."""
+  saved = integrity.saved_checksums(os.path.join(folder, str(step)), "state")
   manager = ocp.CheckpointManager(
       folder, item_handlers={"state": ocp.StandardCheckpointHandler()})
-  metadata = manager.item_metadata(step)["state"]
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-      metadata)
-  state = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target))).state
-  manager.close()
+  try:
+    metadata = manager.item_metadata(step)["state"]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        metadata)
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target))).state
+  finally:
+    manager.close()
+  integrity.verify(state, saved)
   return state
+
+
+def _best_first(folder: str, steps: list[int], metric: str | None):
+  """Steps of `best/` by their recorded metric (lowest first), then the
+  newest first where none is recorded."""
+  def key(step):
+    try:
+      value = float(_read_json(
+          os.path.join(folder, str(step), "metrics", "metrics"))[metric])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+      value = math.inf
+    return (value if math.isfinite(value) else math.inf, -step)
+  return sorted(steps, key=key)
 
 
 def load(path: str, *, checkpoint: str | int = "best", ema: bool = True,
          precision: str | None = None) -> Trained:
   """Loads a trained model from a workdir or one of its checkpoints.
+
+  A checkpoint that does not restore whole (missing or unreadable files,
+  bytes that differ from their saved checksums) is skipped for the next
+  one, with a `DamagedCheckpointWarning` naming it and why: the next best
+  in `best`, the next newest in `checkpoints`. A step asked for by number
+  or by its folder is not replaced.
 
   Args:
     path: a training workdir, its `checkpoints` or `best` folder, or one
@@ -338,8 +482,10 @@ def load(path: str, *, checkpoint: str | int = "best", ema: bool = True,
     A `Trained` with parameters on the default device.
 
   Raises:
-    CheckpointError: not a workdir, or the checkpoint is absent.
+    CheckpointError: not a workdir, the checkpoint is absent, or none
+      restores.
   """
+  integrity.quiet_orbax_noise()
   workdir, folder, step = _locate(path)
   run = RunFolder(workdir)
   info = run.read_model()
@@ -354,10 +500,22 @@ def load(path: str, *, checkpoint: str | int = "best", ema: bool = True,
   available = _steps(folder)
   if not available:
     raise CheckpointError(f"{folder} holds no checkpoints")
-  step = available[-1] if step is None else step
-  if step not in available:
-    raise CheckpointError(f"{folder} has no step {step}; it has {available}")
-  state = _restore_on_one_device(folder, step)
+  hint = ""
+  if step is not None:
+    if step not in available:
+      raise CheckpointError(
+          f"{folder} has no step {step}; it has {available}")
+    candidates = [step]
+  elif os.path.basename(folder) == BEST_DIR:
+    candidates = _best_first(folder, available,
+                             (config.get("train") or {}).get("best_metric"))
+    hint = (f"\nload({workdir!r}, checkpoint=\"latest\") loads the latest "
+            f"training checkpoint (in {LATEST_DIR}/) instead.")
+  else:
+    candidates = available[::-1]
+  step, state, skipped = integrity.first_that_restores(
+      folder, candidates, lambda s: _restore_on_one_device(folder, s), hint)
+  integrity.warn_skipped(folder, skipped, step)
 
   model = models.from_config(ml_collections.ConfigDict(_tuples(info["model"])))
   model = precision_lib.apply(

@@ -48,14 +48,19 @@ def evaluate(eval_step, params, batches: inputs.Batches,
 
 def _resume(ckpt: checkpoints.Checkpoints, strategy: strategies.Strategy,
             state, train_iter, workdir: str):
-  """(state, step) of the latest checkpoint, with the data iterator moved
-  to its position; (state, None) when there is none."""
-  step = ckpt.latest_step()
-  if step is not None:
-    host, position = ckpt.restore(step, strategy.host_state(state))
-    state = strategy.from_host_state(host)
-    train_iter.set_state(position)
-    monitoring.drop_rows_after(workdir, step)  # About to be redone.
+  """(state, step) of the latest checkpoint that restores, with the data
+  iterator moved to its position; (state, None) when there is none.
+
+  Newer checkpoints that do not restore are skipped with a warning
+  (`Checkpoints.restore_latest`); none restoring is a `CheckpointError`.
+  """
+  found = ckpt.restore_latest(strategy.host_state(state))
+  if found is None:
+    return state, None
+  step, host, position = found
+  state = strategy.from_host_state(host)
+  train_iter.set_state(position)
+  monitoring.drop_rows_after(workdir, step)  # About to be redone.
   return state, step
 
 
