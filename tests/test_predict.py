@@ -1,10 +1,14 @@
 """`python -m matsci_jax.predict`: tables and OC20 submission files."""
 
 import csv
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tracemalloc
 
+import lmdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -104,3 +108,136 @@ def test_strict_stops_at_an_unseen_element(trained_s2ef):
   with pytest.warns(checkpoints.UnseenElementWarning):
     rows, _ = predict.predict(trained, structures)
   assert len(rows) == 1 and np.isfinite(rows[0]["energy"])
+
+
+def _lmdb_with_a_bad_entry(shared_data, tmp_path):
+  """A copy of the OC20 S2EF toy LMDB whose entry "50" is not a pickle."""
+  folder = tmp_path / "input"
+  folder.mkdir()
+  shard = folder / "data.0000.lmdb"
+  # A plain copy: the fixture files are read-only.
+  shutil.copyfile(shared_data / "oc20_s2ef_toy" / "noedges" / shard.name,
+                  shard)
+  env = lmdb.open(str(shard), subdir=False, lock=False)
+  with env.begin(write=True) as txn:
+    assert txn.replace(b"50", b"not a pickle") is not None
+  env.close()
+  return folder, shard
+
+
+def _run_predict(*args):
+  return subprocess.run([sys.executable, "-m", "matsci_jax.predict", *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_a_bad_entry_stops_the_command_and_leaves_no_output(
+    trained_s2ef, shared_data, tmp_path):
+  folder, shard = _lmdb_with_a_bad_entry(shared_data, tmp_path)
+  run = _run_predict(f"--checkpoint={trained_s2ef}", f"--input={folder}",
+                     f"--output={tmp_path / 'pred.csv'}",
+                     f"--submission={tmp_path / 'sub.npz'}", "--batch_size=8")
+  assert run.returncode != 0
+  error = run.stderr.strip().splitlines()[-1]
+  assert error.startswith(f"bad input: {shard}, entry '50': cannot decode "
+                          "value"), error
+  assert "--skip-bad" in error
+  # Neither the outputs nor their temporary files remain.
+  assert sorted(os.listdir(tmp_path)) == ["input"]
+
+
+def test_skip_bad_predicts_every_other_entry_and_lists_the_bad_one(
+    trained_s2ef, shared_data, tmp_path):
+  folder, shard = _lmdb_with_a_bad_entry(shared_data, tmp_path)
+  out, sub = tmp_path / "pred.csv", tmp_path / "sub.npz"
+  run = _run_predict(f"--checkpoint={trained_s2ef}", f"--input={folder}",
+                     f"--output={out}", f"--submission={sub}",
+                     "--batch_size=8", "--skip-bad")
+  assert run.returncode == 0, run.stderr[-3000:]
+  skipped_file = tmp_path / "pred.skipped.jsonl"
+  assert f"skipped 1 bad entry, listed in {skipped_file}" in run.stdout
+  assert sorted(os.listdir(tmp_path)) == [
+      "input", "pred.csv", "pred.skipped.jsonl", "sub.npz"]
+  skipped = [json.loads(line) for line in open(skipped_file)]
+  assert len(skipped) == 1
+  assert skipped[0]["file"] == str(shard) and skipped[0]["key"] == "50"
+  assert skipped[0]["problem"].startswith("cannot decode value")
+  reader = readers.open_readers(str(folder))[0]
+  good = [reader[i] for i in range(len(reader)) if reader.key(i)[1] != "50"]
+  rows = list(csv.DictReader(open(out)))
+  assert len(rows) == len(good) == 100
+  assert [r["id"] for r in rows] == [f"{s.sid}_{s.fid}" for s in good]
+  assert [r["entry"] for r in rows] == [str(s.source[1]) for s in good]
+  arrays = dict(np.load(sub))
+  check_s2ef_submission(arrays, [s.fixed for s in good])
+  assert list(arrays["ids"]) == [r["id"] for r in rows]
+
+
+def _cu_cells(n, unseen_at=()):
+  """n 4-atom Cu cells (OC20 ids k_0); Fe in place of one Cu at the
+  positions in `unseen_at`."""
+  from ase.build import bulk
+
+  from matsci_jax.data.ase_reader import structure_from_atoms
+  for k in range(n):
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.rattle(0.02, seed=k)
+    if k in unseen_at:
+      atoms.numbers[0] = 26
+    yield structure_from_atoms(atoms, "cells.extxyz", k, sid=k, fid=0)
+
+
+def test_streamed_outputs_equal_the_in_memory_predictions(
+    trained_s2ef, tmp_path, monkeypatch):
+  trained = checkpoints.load(trained_s2ef)
+  # Several Parquet row groups, the last one short.
+  monkeypatch.setattr(predict, "_ROWS_PER_GROUP", 16)
+  out, sub = str(tmp_path / "pred.parquet"), str(tmp_path / "sub.npz")
+  summary = predict.predict_to_files(
+      trained, _cu_cells(45, unseen_at=(7, 30)), out, sub, batch_size=8,
+      strict=True, skip_bad=True)
+  good = [s for s in _cu_cells(45) if s.sid not in (7, 30)]
+  rows, arrays = predict.predict(trained, good, batch_size=8)
+  assert summary == {"predicted": 43, "skipped": 2,
+                     "skipped_file": str(tmp_path / "pred.skipped.jsonl")}
+  skipped = [json.loads(line) for line in open(summary["skipped_file"])]
+  assert [(s["file"], s["key"]) for s in skipped] == [
+      ("cells.extxyz", 7), ("cells.extxyz", 30)]
+  assert all("Z=[26]" in s["problem"] for s in skipped)
+  assert pq.ParquetFile(out).num_row_groups == 3
+  table = pq.read_table(out).to_pydict()
+  assert list(table) == list(rows[0])
+  for key, column in table.items():  # NaN targets: compared as equal.
+    np.testing.assert_array_equal(column, [r[key] for r in rows], key)
+  streamed = dict(np.load(sub))
+  assert list(streamed) == list(arrays) == ["ids", "energy", "forces",
+                                            "chunk_idx"]
+  for key, value in arrays.items():
+    assert streamed[key].dtype == value.dtype, key
+    np.testing.assert_array_equal(streamed[key], value, err_msg=key)
+  assert sorted(os.listdir(tmp_path)) == ["pred.parquet",
+                                          "pred.skipped.jsonl", "sub.npz"]
+
+
+def test_prediction_memory_does_not_grow_with_the_structures(
+    trained_s2ef, tmp_path, monkeypatch):
+  """The streaming loop holds no per-structure state: the traced peak for
+  1280 structures is that for 64, within 50 bytes a structure (holding
+  the rows and arrays, as the command did, costs about 400)."""
+  trained = checkpoints.load(trained_s2ef)
+  # Blocks that both sizes fill: assembling the .npz reads its temporary
+  # files in blocks, whose memory grows with the input up to their size.
+  monkeypatch.setattr(predict, "_BLOCK", 16)
+  out, sub = str(tmp_path / "pred.csv"), str(tmp_path / "sub.npz")
+  # Same-sized cells in full batches: one shape, compiled here.
+  predict.predict_to_files(trained, _cu_cells(32), out, sub)
+  peaks = {}
+  for n in (64, 1280):
+    tracemalloc.start()
+    try:
+      base = tracemalloc.get_traced_memory()[0]
+      predict.predict_to_files(trained, _cu_cells(n), out, sub)
+      peaks[n] = tracemalloc.get_traced_memory()[1] - base
+    finally:
+      tracemalloc.stop()
+  assert len(np.load(sub)["ids"]) == 1280
+  assert peaks[1280] - peaks[64] < 50 * (1280 - 64), peaks
