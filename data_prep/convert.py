@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         subtract_reference=args.oc20_ref_energy, ase_format=args.ase_format,
         examples_per_shard=args.examples_per_shard,
         progress=not args.no_progress)
-  except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
+  except (DataError, OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   counts = ", ".join(f"{s}: {n}" for s, n in summary.counts.items())

@@ -14,9 +14,10 @@ subtracts the reference energy, as OC20's `preprocess_ef.py --ref-energy` does.
 
 from __future__ import annotations
 
+import io
 import os
 import re
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
@@ -25,25 +26,27 @@ from matsci_jax.data.structure import DataError, Structure, TAG_UNKNOWN
 _XYZ_SUFFIXES = (".xyz", ".extxyz")
 
 
-def _count_xyz_frames(path: str) -> int:
-  """Counts frames of an (ext)xyz file without parsing them."""
-  count = 0
+def _xyz_frame_spans(path: str) -> np.ndarray:
+  """Byte offsets of the frames of an (ext)xyz file, found without parsing
+  them: int64 [frames, 2], the start and end of each frame's lines."""
+  spans = []
   with open(path, "rb") as f:
     while True:
+      start = f.tell()
       line = f.readline()
       if not line:
-        return count
+        return np.array(spans, np.int64).reshape(-1, 2)
       if not line.strip():
         continue
       try:
         natoms = int(line)
       except ValueError:
-        raise DataError(path, count,
+        raise DataError(path, len(spans),
                         f"expected an atom count, got {line!r}") from None
       for _ in range(natoms + 1):
         if not f.readline():
-          raise DataError(path, count, "file ends inside this frame")
-      count += 1
+          raise DataError(path, len(spans), "file ends inside this frame")
+      spans.append((start, f.tell()))
 
 
 def _read_oc20_txt(path: str) -> Optional[list[tuple[int, int, float]]]:
@@ -77,12 +80,36 @@ def _fixed_mask(atoms) -> np.ndarray:
   return mask
 
 
+class _Frame(NamedTuple):
+  """What a `Structure` is made of, as `ase.Atoms` hold it."""
+  numbers: np.ndarray
+  positions: np.ndarray
+  cell: np.ndarray
+  pbc: np.ndarray
+  results: dict  # The calculator's results.
+  info: dict
+  arrays: dict
+  fixed: np.ndarray
+
+
 def structure_from_atoms(atoms, path: str, key, *, sid: int = -1,
                          fid: int = -1, energy_offset: float = 0.0
                          ) -> Structure:
   """Converts an `ase.Atoms` (with optional results) into a `Structure`."""
-  results = dict(getattr(atoms.calc, "results", None) or {})
-  info, arrays = atoms.info, atoms.arrays
+  try:
+    fixed = _fixed_mask(atoms)
+  except (TypeError, ValueError) as e:
+    raise DataError(path, key, f"cannot interpret frame: {e}") from e
+  frame = _Frame(atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc,
+                 dict(getattr(atoms.calc, "results", None) or {}),
+                 atoms.info, atoms.arrays, fixed)
+  return _structure(frame, path, key, sid=sid, fid=fid,
+                    energy_offset=energy_offset)
+
+
+def _structure(frame: _Frame, path: str, key, *, sid: int, fid: int,
+               energy_offset: float) -> Structure:
+  results, info, arrays = frame.results, frame.info, frame.arrays
 
   def pick(sources, keys):
     for src in sources:
@@ -96,15 +123,15 @@ def structure_from_atoms(atoms, path: str, key, *, sid: int = -1,
   energy_relaxed = pick([info], ("energy_relaxed", "y_relaxed"))
   pos_relaxed = pick([arrays], ("positions_relaxed", "pos_relaxed"))
   tags = (np.asarray(arrays["tags"], np.int32) if "tags" in arrays
-          else np.full(len(atoms), TAG_UNKNOWN, np.int32))
+          else np.full(len(frame.numbers), TAG_UNKNOWN, np.int32))
   try:
     return Structure(
-        atomic_numbers=np.asarray(atoms.numbers, np.int32),
-        positions=np.asarray(atoms.positions, np.float64),
-        cell=np.asarray(atoms.cell.array, np.float64),
-        pbc=np.asarray(atoms.pbc, bool),
+        atomic_numbers=np.asarray(frame.numbers, np.int32),
+        positions=np.asarray(frame.positions, np.float64),
+        cell=np.asarray(frame.cell, np.float64),
+        pbc=np.asarray(frame.pbc, bool),
         tags=tags,
-        fixed=_fixed_mask(atoms),
+        fixed=frame.fixed,
         energy=None if energy is None else float(energy) - energy_offset,
         forces=None if forces is None else np.asarray(forces, np.float64),
         energy_relaxed=(None if energy_relaxed is None
@@ -117,6 +144,109 @@ def structure_from_atoms(atoms, path: str, key, *, sid: int = -1,
     )
   except (TypeError, ValueError) as e:
     raise DataError(path, key, f"cannot interpret frame: {e}") from e
+
+
+# Extended XYZ columns that `_parse_extxyz_frame` reads, by ASE's name for
+# them: (type, columns).
+_FAST_COLUMNS = {"symbols": ("S", 1), "numbers": ("I", 1),
+                 "positions": ("R", 3), "move_mask": ("L", 1),
+                 "tags": ("I", 1), "forces": ("R", 3), "energies": ("R", 1)}
+_BOOLS = {"T": True, "F": False, "True": True, "False": False}
+
+
+def _parse_extxyz_frame(lines: list[str]) -> Optional[_Frame]:
+  """Reads one extended XYZ frame (its lines, count and comment included)
+  as `ase.io.read` would, for the common columns (`_FAST_COLUMNS`) and
+  comment keys; returns None for anything else, which ASE then reads.
+
+  ASE converts its frames atom by atom into tuples, then builds an `Atoms`
+  and a calculator, which takes several times longer than converting each
+  column at once. The conversions are ASE's own (`float`, `int`, its
+  `T`/`F` table), so values and errors are the same; a frame that ASE
+  would reject (or that any step here rejects) is left to ASE.
+  """
+  from ase.data import atomic_numbers
+  from ase.io import extxyz
+  try:
+    natoms = int(lines[0])
+    comment = lines[1].strip()
+    info = extxyz.key_val_str_to_dict(comment) if comment else {}
+    pbc = info.pop("pbc", None)
+    lattice = info.pop("Lattice", None)
+    if pbc is None and lattice is not None:
+      pbc = np.ones(3, bool)
+    if pbc is not None:
+      if not isinstance(pbc, (list, tuple, np.ndarray)):
+        return None
+      pbc = np.array(pbc)
+      if pbc.dtype != bool or pbc.shape != (3,):
+        return None
+    if lattice is None:
+      cell = np.zeros((3, 3))
+    elif (isinstance(lattice, np.ndarray) and lattice.shape == (3, 3)
+          and lattice.dtype.kind in "iuf"):
+      cell = np.array(lattice.T, float)  # ASE's cell is the transpose.
+    else:
+      return None
+    spec = info.pop("Properties", "species:S:1:pos:R:3")
+    if not isinstance(spec, str):
+      return None
+    properties = extxyz.parse_properties(spec)[0]
+    fields = spec.split(":")
+    columns = []  # (ASE name, type, first column, columns)
+    first = 0
+    for name, ptype in zip(fields[::3], fields[1::3]):
+      ase_name, cols = properties[name]
+      if _FAST_COLUMNS.get(ase_name) != (ptype, cols):
+        return None
+      columns.append((ase_name, ptype, first, cols))
+      first += cols
+    names = [c[0] for c in columns]
+    if len(set(names)) != len(names) or "positions" not in names or not (
+        {"symbols", "numbers"} & set(names)):
+      return None
+    results = {}
+    for k in list(info):
+      if k in extxyz.per_config_properties:  # Calculator results in ASE.
+        value = info.pop(k)
+        if k in ("energy", "free_energy"):
+          results[k] = value
+        elif not (isinstance(value, (int, float, np.number)) or (
+            isinstance(value, np.ndarray) and value.dtype.kind in "iuf")):
+          return None  # Numbers are kept (and not needed here).
+    rows = [line.split() for line in lines[2:2 + natoms]]
+    if len(rows) != natoms or min(map(len, rows), default=first) < first:
+      return None
+    table = list(zip(*rows)) if natoms else [()] * first
+    arrays, numbers, fixed = {}, None, np.zeros(natoms, bool)
+    for ase_name, ptype, start, cols in columns:
+      if ptype == "R":  # numpy converts strings with `float`.
+        value = np.array(table[start:start + cols], np.float64).T
+      elif ptype == "I":
+        value = np.array([int(x) for x in table[start]], np.int32)
+      elif ptype == "L":
+        value = np.array([_BOOLS.get(x) for x in table[start]], bool)
+      else:
+        value = [str(x) for x in table[start]]
+      if cols == 1 and ptype == "R":
+        value = value[:, 0]
+      arrays[ase_name] = value
+    positions = arrays.pop("positions")
+    symbols = arrays.pop("symbols", None)
+    numbers = arrays.pop("numbers", None)
+    if numbers is None:
+      numbers = np.array([atomic_numbers[x.capitalize()] for x in symbols],
+                         np.int64)
+    if "move_mask" in arrays:
+      fixed = ~arrays.pop("move_mask")
+    for name in ("forces", "energies"):
+      if name in arrays:
+        results[name] = arrays.pop(name)
+    return _Frame(numbers, positions, cell,
+                  np.zeros(3, bool) if pbc is None else pbc, results, info,
+                  arrays, fixed)
+  except Exception:  # ASE reads it, or tells what is wrong.
+    return None
 
 
 class AseReader:
@@ -140,13 +270,17 @@ class AseReader:
     if not os.path.isfile(self.path):
       raise FileNotFoundError(f"{self.path}: no such file")
     self._is_db = self.path.endswith(".db") or format == "db"
+    self._spans = None
     if self._is_db:
       import ase.db
       with ase.db.connect(self.path) as db:
         self._ids = [row.id for row in db.select(include_data=False)]
       self._n = len(self._ids)
     elif self.path.endswith(_XYZ_SUFFIXES) or format in ("xyz", "extxyz"):
-      self._n = _count_xyz_frames(self.path)
+      # Frames are read from their byte spans: ASE, given a path and a
+      # range of frames, scans the file from its start for every range.
+      self._spans = _xyz_frame_spans(self.path)
+      self._n = len(self._spans)
     else:
       import ase.io
       self._n = len(ase.io.read(self.path, index=":", format=format))
@@ -177,25 +311,47 @@ class AseReader:
         return atoms
     start, frames = self._block
     if not start <= i < start + len(frames):
-      import ase.io
       block = 256  # Sequential access parses each frame once.
       start = i - i % block
       stop = min(start + block, self._n)
       try:
-        frames = ase.io.read(self.path, index=f"{start}:{stop}",
-                             format=self.format)
+        frames = self._read(start, stop)
       except Exception:  # A bad frame: fall back to reading one by one.
+        frames = [None] * (stop - start)
+      if len(frames) != stop - start:
         frames = [None] * (stop - start)
       self._block = (start, frames)
     frame = frames[i - start]
     if frame is None:
-      import ase.io
       try:
-        frame = ase.io.read(self.path, index=i, format=self.format)
+        frame = self._read(i, i + 1)[0]
       except Exception as e:
         raise DataError(self.path, i, f"ASE cannot read this frame: "
                         f"{type(e).__name__}: {e}") from e
     return frame
+
+  def _read(self, start: int, stop: int) -> list:
+    """Frames [start, stop), each an `ase.Atoms` or a `_Frame`."""
+    import ase.io
+    if self._spans is None:
+      return ase.io.read(self.path, index=f"{start}:{stop}",
+                         format=self.format)
+    with open(self.path, "rb") as f:
+      f.seek(self._spans[start, 0])
+      data = f.read(self._spans[stop - 1, 1] - self._spans[start, 0])
+    base = self._spans[start, 0]
+    frames = []
+    for a, b in self._spans[start:stop].tolist():
+      # Decoded as ASE decodes the file; ASE reads lines split at "\n".
+      text = io.TextIOWrapper(io.BytesIO(data[a - base:b - base])).read()
+      frame = None
+      if self.format in (None, "extxyz"):
+        frame = _parse_extxyz_frame(text.split("\n"))
+      if frame is None:
+        frame = ase.io.read(io.StringIO(text), index=0,
+                            format=self.format or "extxyz")
+      frames.append(frame)
+    return frames
 
   def __getitem__(self, i: int) -> Structure:
     if not 0 <= i < self._n:
@@ -204,9 +360,13 @@ class AseReader:
     if self._oc20 is not None:
       sid, fid, ref = self._oc20[i]
     path, key = self.key(i)
-    return structure_from_atoms(
-        self._atoms(i), path, key, sid=sid, fid=fid,
-        energy_offset=ref if self.subtract_reference else 0.0)
+    frame = self._atoms(i)
+    offset = ref if self.subtract_reference else 0.0
+    if isinstance(frame, _Frame):
+      return _structure(frame, path, key, sid=sid, fid=fid,
+                        energy_offset=offset)
+    return structure_from_atoms(frame, path, key, sid=sid, fid=fid,
+                                energy_offset=offset)
 
   def __iter__(self) -> Iterator[Structure]:
     for i in range(self._n):

@@ -30,7 +30,7 @@ import shutil
 import signal
 import threading
 import time
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import tqdm
@@ -81,12 +81,12 @@ class _Worker:
     readers: every input reader; a job names one by its index.
     task: "s2ef" or "is2re".
     graph_spec: how each structure becomes a stored example.
-    features: the tfds features that serialize it.
+    serialize: writes a stored example's bytes.
   """
   readers: tuple
   task: str
   graph_spec: GraphSpec
-  features: Any
+  serialize: schema.Serializer
 
   def process(self, job: _Job) -> list[tuple]:
     """Converts one chunk of entries; never raises for a bad entry.
@@ -108,7 +108,7 @@ class _Worker:
         rng = (None if pc is None
                else np.random.default_rng([pc.seed, job.reader, i]))
         ex = self.graph_spec.stored_example(s, self.task, rng)
-        out.append(("ok", split, where, self.features.serialize_example(ex),
+        out.append(("ok", split, where, self.serialize(ex),
                     summarize(ex), schema.target_flags(s, self.task)))
       except DataError as e:
         out.append(("bad", split, (e.path, e.key), e.problem))
@@ -240,48 +240,38 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
     DataError: a bad entry (without `skip_bad`).
     FileExistsError: `output` exists and `overwrite` is False.
     FileNotFoundError: an input path holds nothing readable.
+    OutputError: the output cannot be written (a read-only folder, a full
+      disk); checked before any input is read, and as shards grow.
     ValueError: bad settings, or a split left without valid structures.
   """
   t0 = time.time()
   _check_settings(task, workers, val_fraction, test_fraction,
                   examples_per_shard, ase_format)
   output = os.path.abspath(os.fspath(output))
-  _recover_interrupted_swap(output)
-  if os.path.exists(output) and not overwrite:
-    raise FileExistsError(f"{output} already exists; pass --overwrite to "
-                          "replace it")
+  pairs = _normalize_inputs(inputs)
+  # Before reading any input: the output folder must be writable.
+  tmp = _temporary_folder(output, overwrite)
   automatic = not workers
   workers = max(1, workers or os.cpu_count() or 1)
   name = name or "".join(c if c.isalnum() else "_" for c in
                          os.path.basename(output).lower()).strip("_") or "data"
   if not name[0].isalpha():
     name = "d_" + name
-
-  pairs = _normalize_inputs(inputs)
-  readers, input_splits = [], []
-  for split, path in pairs:
-    for r in readers_lib.open_readers(path,
-                                      subtract_reference=subtract_reference,
-                                      ase_format=ase_format):
-      readers.append(r)
-      input_splits.append(split)
-  jobs = _plan_jobs(readers, input_splits, val_fraction, test_fraction,
-                    split_seed)
-  total = sum(len(j.splits) for j in jobs)
-  has_point_cloud = graph_spec.point_cloud is not None
-  worker = _Worker(tuple(readers), task, graph_spec,
-                   schema.features(task, has_point_cloud))
-
-  parent = os.path.dirname(output)
-  os.makedirs(parent, exist_ok=True)
-  _remove_stale_partials(parent, os.path.basename(output))
-  tmp = os.path.join(parent, f".{os.path.basename(output)}.partial-"
-                     f"{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
   writers, stats, flags, skipped = {}, {}, {}, []
   restore_sigterm = _exit_on_sigterm()
   try:
+    readers, input_splits = [], []
+    for split, path in pairs:
+      for r in readers_lib.open_readers(
+          path, subtract_reference=subtract_reference, ase_format=ase_format):
+        readers.append(r)
+        input_splits.append(split)
+    jobs = _plan_jobs(readers, input_splits, val_fraction, test_fraction,
+                      split_seed)
+    total = sum(len(j.splits) for j in jobs)
+    has_point_cloud = graph_spec.point_cloud is not None
+    worker = _Worker(tuple(readers), task, graph_spec,
+                     schema.Serializer(task, has_point_cloud))
     if automatic:
       workers = min(workers, max(1, total // _MIN_ENTRIES_PER_WORKER))
     if workers == 1 or total <= _CHUNK:
@@ -316,8 +306,8 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
         for item in chunk:
           split = item[1]
           if split not in writers:
-            writers[split] = dataset_io.ShardedWriter(tmp, name, split,
-                                                      examples_per_shard)
+            writers[split] = dataset_io.ShardedWriter(
+                tmp, name, split, examples_per_shard, label=output)
             stats[split] = SplitStatistics()
           for ready in vote.add(item):
             handle(ready)
@@ -352,22 +342,22 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
                 "statistics": stats[s].summary()}
             for s in writers},
     }
-    dataset_io.write_metadata(
-        tmp, task, has_point_cloud, split_infos, metadata,
-        {s: st.sizes() for s, st in stats.items()})
-    if skipped:
-      with open(os.path.join(tmp, dataset_io.SKIPPED_FILE), "w") as f:
-        for row in skipped:
-          f.write(json.dumps(row, default=str) + "\n")
-    if os.path.exists(output):
-      old = os.path.join(parent, f".{os.path.basename(output)}.old-"
-                         f"{os.getpid()}")
-      os.replace(output, old)
-      os.replace(tmp, output)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, output)
+    try:
+      dataset_io.write_metadata(
+          tmp, task, has_point_cloud, split_infos, metadata,
+          {s: st.sizes() for s, st in stats.items()})
+      if skipped:
+        with open(os.path.join(tmp, dataset_io.SKIPPED_FILE), "w") as f:
+          for row in skipped:
+            f.write(json.dumps(row, default=str) + "\n")
+      _move_into_place(tmp, output)
+    except OSError as e:
+      if isinstance(e, dataset_io.OutputError):
+        raise
+      raise dataset_io.output_error(output, e) from e
   except BaseException:
+    for w in writers.values():
+      w.abort()
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   finally:
@@ -375,6 +365,46 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
   return Summary(output=output,
                  counts={s: len(st.n_atoms) for s, st in stats.items()},
                  skipped=len(skipped), seconds=time.time() - t0)
+
+
+def _temporary_folder(output: str, overwrite: bool) -> str:
+  """Creates the folder that becomes `output` when the conversion is done.
+
+  Raises:
+    FileExistsError: `output` exists and `overwrite` is False.
+    OutputError: the folder cannot be created (read-only parent, ...).
+  """
+  parent, base = os.path.split(output)
+  try:
+    _recover_interrupted_swap(output)
+  except OSError as e:
+    raise dataset_io.output_error(
+        parent, e, "cannot clean up an interrupted conversion") from e
+  if os.path.exists(output) and not overwrite:
+    raise FileExistsError(f"{output} already exists; pass --overwrite to "
+                          "replace it")
+  tmp = os.path.join(parent, f".{base}.partial-{os.getpid()}")
+  try:
+    os.makedirs(parent, exist_ok=True)
+    _remove_stale_partials(parent, base)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+  except OSError as e:
+    raise dataset_io.output_error(
+        parent, e, f"cannot create the output folder {base} there") from e
+  return tmp
+
+
+def _move_into_place(tmp: str, output: str) -> None:
+  """Renames the finished `tmp` to `output`, replacing an older one."""
+  if os.path.exists(output):
+    parent, base = os.path.split(output)
+    old = os.path.join(parent, f".{base}.old-{os.getpid()}")
+    os.replace(output, old)
+    os.replace(tmp, output)
+    shutil.rmtree(old)
+  else:
+    os.replace(tmp, output)
 
 
 def _exit_on_sigterm():

@@ -15,8 +15,10 @@ edge convention, sources) and the statistics of every split.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -35,48 +37,176 @@ class DatasetError(ValueError):
   """A dataset folder that is missing, incomplete or not ours."""
 
 
+class OutputError(OSError, ValueError):
+  """An output folder that cannot be written: no permission, a full disk...
+
+  An OSError, for code that handles I/O failures, and a ValueError, like
+  the converter's other errors, which its command line reports in one line.
+  """
+
+
+_FULL = tuple(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None))
+              if code is not None)
+# Bytes ArrayRecord's file writer buffers before writing to disk: a full
+# disk shows only when a buffer this size is flushed (or the shard closed).
+WRITER_BUFFER = 16 << 20
+# Checking the free space costs a system call (a round trip on network
+# file systems): done at a shard's first example and once per this many
+# bytes of examples.
+_CHECK_EVERY = 4 << 20
+# Room kept for a shard's index and the metadata files.
+_RESERVE = 1 << 20
+
+
+def _size(n: float) -> str:
+  """A byte count in words: "293.0 KiB"."""
+  units = ("bytes", "KiB", "MiB", "GiB", "TiB")
+  power = 0
+  while n >= 1024 and power < len(units) - 1:
+    n, power = n / 1024, power + 1
+  return f"{n:.0f} bytes" if not power else f"{n:.1f} {units[power]}"
+
+
+def _free_space(folder: str) -> str:
+  """The free space of `folder`'s file system, in words."""
+  path = folder
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  try:
+    usage = shutil.disk_usage(path)
+  except OSError:
+    return "free space unknown"
+  return f"{_size(usage.free)} free of {_size(usage.total)}"
+
+
+def is_disk_full(e: BaseException) -> bool:
+  """Whether an error says that the disk (or a quota) is full.
+
+  ArrayRecord reports write failures as RuntimeErrors whose message holds
+  the system's error text.
+  """
+  if isinstance(e, OSError) and e.errno in _FULL:
+    return True
+  return any(os.strerror(code) in str(e) for code in _FULL)
+
+
+def output_error(folder: str, e: BaseException,
+                 doing: str = "cannot write") -> OutputError:
+  """A one-line `OutputError` about `folder`, from the error `e`; a full
+  disk is named as such, with the space left."""
+  text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+  if is_disk_full(e):
+    error = OutputError(f"{folder}: the disk is full ({_free_space(folder)}"
+                        f"): {text}; free some space or write elsewhere")
+    error.errno = errno.ENOSPC
+  else:
+    error = OutputError(f"{folder}: {doing}: {text}")
+    error.errno = getattr(e, "errno", None)
+  return error
+
+
 class ShardedWriter:
   """Writes serialized examples of one split into ArrayRecord shards.
 
   Shard file names need the final shard count, which is only known at the
   end, so shards are written under temporary names and renamed by `close`.
+
+  ArrayRecord buffers `WRITER_BUFFER` bytes before writing to disk, so a
+  full disk would show only when that buffer is flushed; the free space is
+  therefore checked as shards grow, against an upper estimate of what the
+  buffer holds. Every failure to write (also one that this check did not
+  foresee) is an `OutputError` naming the folder.
   """
 
   def __init__(self, folder: str, name: str, split: str,
-               examples_per_shard: int = 10_000):
+               examples_per_shard: int = 10_000, label: str = ""):
+    """`label` is the folder named in errors (default: `folder`), such as
+    the output that a temporary folder becomes."""
     self.folder, self.name, self.split = folder, name, split
+    self.label = label or folder
     self.examples_per_shard = examples_per_shard
     self.shard_lengths: list[int] = []
     self.num_bytes = 0
     self._writer = None
     self._paths: list[str] = []
+    self._unchecked = 0  # Bytes written since the free space was checked.
+    self._on_disk = 0  # Size of the current shard's file when checked.
+    self._buffered = 0  # Bytes written since that file last grew.
 
   def write(self, serialized: bytes):
     if self._writer is None or (self.shard_lengths[-1]
                                 >= self.examples_per_shard):
       self._roll()
-    self._writer.write(serialized)
+    if not self._unchecked:
+      self._check_space(len(serialized))
+    try:
+      self._writer.write(serialized)
+    except (OSError, RuntimeError) as e:
+      raise output_error(self.label, e) from e
     self.shard_lengths[-1] += 1
     self.num_bytes += len(serialized)
+    self._buffered += len(serialized)
+    self._unchecked += len(serialized)
+    if self._unchecked >= _CHECK_EVERY:
+      self._unchecked = 0
+
+  def _check_space(self, next_bytes: int):
+    """Raises an `OutputError` when the disk cannot take what the writer
+    buffers (at most `WRITER_BUFFER` bytes) and the next example."""
+    try:
+      size = os.path.getsize(self._paths[-1])
+      usage = shutil.disk_usage(self.folder)
+    except OSError as e:
+      raise output_error(self.label, e) from e
+    if size > self._on_disk:  # The writer flushed its buffer.
+      self._on_disk, self._buffered = size, 0
+    need = min(self._buffered, WRITER_BUFFER) + next_bytes + _RESERVE
+    # File systems that report no size (some FUSE mounts) are not checked.
+    if usage.total and usage.free < need:
+      raise output_error(self.label, OSError(
+          errno.ENOSPC, f"{_size(need)} needed for the examples written "
+          "so far"))
 
   def _roll(self):
-    if self._writer is not None:
-      self._writer.close()
+    self._close_writer()
     path = os.path.join(self.folder,
                         f".{self.split}.{len(self._paths):05d}.partial")
-    # group_size:1 makes every record independently seekable (random access).
-    self._writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    try:
+      # group_size:1 makes every record independently seekable (random
+      # access).
+      self._writer = array_record_module.ArrayRecordWriter(path,
+                                                           "group_size:1")
+    except (OSError, RuntimeError) as e:
+      raise output_error(self.label, e, "cannot create a shard") from e
     self._paths.append(path)
     self.shard_lengths.append(0)
+    self._unchecked = self._on_disk = self._buffered = 0
+
+  def _close_writer(self):
+    writer, self._writer = self._writer, None
+    if writer is not None:
+      try:
+        writer.close()
+      except (OSError, RuntimeError) as e:
+        raise output_error(self.label, e) from e
+
+  def abort(self):
+    """Closes the current shard after a failure, ignoring further errors."""
+    try:
+      self._close_writer()
+    except OutputError:
+      pass
 
   def close(self) -> tfds.core.SplitInfo:
-    if self._writer is not None:
-      self._writer.close()
+    self._close_writer()
     total = len(self._paths)
     for i, path in enumerate(self._paths):
       final = (f"{self.name}-{self.split}.array_record-"
                f"{i:05d}-of-{total:05d}")
-      os.replace(path, os.path.join(self.folder, final))
+      try:
+        os.replace(path, os.path.join(self.folder, final))
+      except OSError as e:
+        raise output_error(self.label, e) from e
     return tfds.core.SplitInfo(name=self.split,
                                shard_lengths=list(self.shard_lengths),
                                num_bytes=self.num_bytes)

@@ -160,8 +160,14 @@ class GraphSpec:
     slots = None
     if self.point_cloud is not None:
       pc = self.point_cloud
+      # The graph edges hold the slots when the radius is the same and the
+      # cap keeps at least K: one neighbour search, not two.
+      shared = (self.representation == BOTH and pc.cutoff == self.cutoff
+                and (self.max_neighbors is None
+                     or self.max_neighbors >= pc.num_neighbors))
       slots = point_cloud(s, pc.cutoff, pc.num_neighbors, pc.bulk_samples,
-                          rng or np.random.default_rng(pc.seed))
+                          rng or np.random.default_rng(pc.seed),
+                          edges if shared else None)
     return schema.to_example(s, edges, task, slots)
 
   def example(self, s: Structure, task: str) -> dict:

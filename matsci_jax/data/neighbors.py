@@ -63,21 +63,59 @@ def neighbor_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
   box = np.asarray(cell, np.float64)
   if not pbc.any():
     box = _aperiodic_box(positions, cutoff)
-  calc = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
+  calc = vesin.NeighborList(cutoff=float(cutoff), full_list=True,
+                            n_threads=1)
   i, j, shifts, d = calc.compute(positions, box, pbc.tolist(),
                                  quantities="ijSd")
-  keep = d > 1e-8  # A centre's own image at zero distance is not a neighbour.
-  i, j, shifts, d = i[keep], j[keep], shifts[keep], d[keep]
-  # Sort by centre, then distance, then neighbour and image for determinism.
-  order = np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], j, d, i))
-  i, j, shifts, d = i[order], j[order], shifts[order], d[order]
-  if max_neighbors is not None and len(i):
-    starts = np.searchsorted(i, i, side="left")
-    rank = np.arange(len(i)) - starts
-    keep = rank < max_neighbors
-    i, j, shifts, d = i[keep], j[keep], shifts[keep], d[keep]
-  return Edges(senders=j.astype(np.int32), receivers=i.astype(np.int32),
-               cell_shifts=shifts.astype(np.int32), distances=d)
+  zero = d <= 1e-8  # A centre's own image at zero distance is no neighbour.
+  if zero.any():
+    i, j, shifts, d = i[~zero], j[~zero], shifts[~zero], d[~zero]
+  order = _edge_order(i, j, shifts, d, len(positions), cutoff)
+  counts = np.bincount(i, minlength=len(positions))
+  if max_neighbors is not None and len(i) and counts.max() > max_neighbors:
+    # Rank of each sorted edge within its centre.
+    starts = np.cumsum(counts) - counts
+    rank = np.arange(len(order)) - np.repeat(starts, counts)
+    order = order[rank < max_neighbors]
+    counts = np.minimum(counts, max_neighbors)
+  receivers = np.repeat(np.arange(len(positions), dtype=np.int32), counts)
+  return Edges(senders=j[order].astype(np.int32), receivers=receivers,
+               cell_shifts=shifts[order].astype(np.int32), distances=d[order])
+
+
+def _edge_order(i, j, shifts, d, num_atoms, cutoff) -> np.ndarray:
+  """The permutation sorting edges by centre, distance, neighbour, shift.
+
+  One sort of int64 keys does most of it. A key packs, from the top bits,
+  the centre, the distance scaled to integer steps, and the edge's index
+  (so that a plain sort, faster than an argsort, gives the permutation).
+  Steps keep the distance order but can merge distances closer than a
+  step, and exact ties (common in symmetric cells), so edges whose centre
+  and step agree are then sorted by the full key.
+  """
+  if not len(i):
+    return np.zeros(0, np.intp)
+  index_bits = max(int(len(i) - 1).bit_length(), 1)
+  center_bits = max(int(num_atoms - 1).bit_length(), 1)
+  # At most 52 bits of distance: the precision of a float64 near the cutoff.
+  step_bits = min(52, 63 - index_bits - center_bits)
+  if step_bits < 16:  # Too coarse to be worth it (far beyond MAX_EDGES).
+    return np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], j, d, i))
+  top = (1 << step_bits) - 1
+  steps = np.minimum(d * (top / max(float(cutoff), float(d.max()))), top)
+  key = i.astype(np.int64) << step_bits | steps.astype(np.int64)
+  key = np.sort(key << index_bits | np.arange(len(i), dtype=np.int64))
+  order = key & ((1 << index_bits) - 1)
+  key >>= index_bits
+  same = key[1:] == key[:-1]
+  if same.any():
+    tied = np.flatnonzero(np.concatenate([same, [False]])
+                          | np.concatenate([[False], same]))
+    sub = order[tied]
+    s = shifts[sub]
+    order[tied] = sub[np.lexsort((s[:, 2], s[:, 1], s[:, 0], j[sub], d[sub],
+                                  key[tied]))]
+  return order
 
 
 def edge_vectors(positions, cell, senders, receivers, cell_shifts):

@@ -15,11 +15,11 @@ atomic numbers, so they are not stored.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 
-from matsci_jax.data.neighbors import neighbor_list
+from matsci_jax.data.neighbors import Edges, neighbor_list
 from matsci_jax.data.structure import Structure, TAG_UNKNOWN
 
 
@@ -45,7 +45,8 @@ def select_centers(tags: np.ndarray, bulk_samples: int,
 
 
 def point_cloud(s: Structure, cutoff: float, num_neighbors: int,
-                bulk_samples: int, rng: np.random.Generator) -> PointCloud:
+                bulk_samples: int, rng: np.random.Generator,
+                edges: Optional[Edges] = None) -> PointCloud:
   """Builds the point cloud of one structure.
 
   Args:
@@ -54,20 +55,26 @@ def point_cloud(s: Structure, cutoff: float, num_neighbors: int,
     num_neighbors: K, slots per centre (the K nearest neighbours are kept).
     bulk_samples: bulk (tag 0) atoms sampled as extra centres.
     rng: generator for that sample (seed it per structure).
+    edges: `neighbor_list(..., cutoff, M)` of `s` for some M >= K (or no
+      cap), if already computed; its K nearest per centre are the slots.
   """
   centers = select_centers(s.tags, bulk_samples, rng)
-  edges = neighbor_list(s.positions, s.cell, s.pbc, cutoff, num_neighbors)
+  if edges is None:
+    edges = neighbor_list(s.positions, s.cell, s.pbc, cutoff, num_neighbors)
   n = s.num_atoms
   # Edges are sorted by centre then distance: slot = rank within the centre.
-  first = np.searchsorted(edges.receivers, np.arange(n))
-  rank = np.arange(len(edges.receivers)) - first[edges.receivers]
+  counts = np.bincount(edges.receivers, minlength=n)
+  rank = np.arange(len(edges.receivers)) - np.repeat(np.cumsum(counts)
+                                                     - counts, counts)
+  keep = rank < num_neighbors
+  receivers, rank = edges.receivers[keep], rank[keep]
   # Empty slots point at the centre itself (a zero vector), masked out.
   slots_j = np.repeat(np.arange(n, dtype=np.int32)[:, None], num_neighbors, 1)
   slots_s = np.zeros((n, num_neighbors, 3), np.int32)
   slots_m = np.zeros((n, num_neighbors), bool)
-  slots_j[edges.receivers, rank] = edges.senders
-  slots_s[edges.receivers, rank] = edges.cell_shifts
-  slots_m[edges.receivers, rank] = True
+  slots_j[receivers, rank] = edges.senders[keep]
+  slots_s[receivers, rank] = edges.cell_shifts[keep]
+  slots_m[receivers, rank] = True
   c = len(centers)
   return PointCloud(
       senders=slots_j[centers].reshape(-1),

@@ -35,9 +35,26 @@ def _hist(values: np.ndarray) -> dict:
   return {"values": nz.tolist(), "counts": counts[nz].tolist()}
 
 
+# Structures whose composition terms are added to the sums in one step.
+_BATCH = 1024
+
+
+def _running_sum(total: np.ndarray, rows: list) -> np.ndarray:
+  """`total` plus the rows, added one after another.
+
+  Adding in order (an accumulate, not a reduction, which may add pairwise)
+  gives the same floating-point sums as adding structure by structure.
+  """
+  return np.add.accumulate(np.vstack([total[None], rows]), axis=0)[-1]
+
+
 @dataclasses.dataclass
 class _Moments:
-  """Running sums for an energy-like target and its elemental fit."""
+  """Running sums for an energy-like target and its elemental fit.
+
+  The sums over compositions are updated for a batch of structures at a
+  time (`_flush`), which costs far less than per-structure array updates.
+  """
   n: int = 0
   total: float = 0.0
   total_sq: float = 0.0
@@ -55,27 +72,47 @@ class _Moments:
       default_factory=lambda: np.zeros((NUM_ELEMENTS, NUM_ELEMENTS)))
   ads_cty: np.ndarray = dataclasses.field(
       default_factory=lambda: np.zeros(NUM_ELEMENTS))
+  # (composition, value, adsorbate composition or None) not yet in the sums.
+  pending: list = dataclasses.field(default_factory=list, repr=False)
 
   def add(self, value: float, composition: np.ndarray, n_atoms: int,
           adsorbate_composition: Optional[np.ndarray] = None):
     if adsorbate_composition is not None:
-      features = np.array(adsorbate_composition, np.float64)
-      features[0] = 1.0
       self.n_tagged += 1
-      self.ads_ctc += np.outer(features, features)
-      self.ads_cty += features * value
     self.n += 1
     self.total += value
     self.total_sq += value * value
     self.per_atom += value / n_atoms
     self.per_atom_sq += (value / n_atoms) ** 2
-    self.ctc += np.outer(composition, composition)
-    self.cty += composition * value
-    self.counts_sum += composition
+    self.pending.append((composition, value, adsorbate_composition))
+    if len(self.pending) >= _BATCH:
+      self._flush()
+
+  def _flush(self):
+    """Adds the pending structures to the composition sums.
+
+    Compositions are integer counts, so C^T C and the count sums are exact
+    in any order; the sums with energies are added in structure order.
+    """
+    if not self.pending:
+      return
+    comps = np.array([p[0] for p in self.pending], np.float64)
+    values = np.array([p[1] for p in self.pending], np.float64)[:, None]
+    self.ctc += comps.T @ comps
+    self.cty = _running_sum(self.cty, comps * values)
+    self.counts_sum += comps.sum(axis=0)
+    tagged = [k for k, p in enumerate(self.pending) if p[2] is not None]
+    if tagged:
+      features = np.array([self.pending[k][2] for k in tagged], np.float64)
+      features[:, 0] = 1.0
+      self.ads_ctc += features.T @ features
+      self.ads_cty = _running_sum(self.ads_cty, features * values[tagged])
+    self.pending = []
 
   def summary(self) -> Optional[dict]:
     if self.n == 0:
       return None
+    self._flush()
     mean = self.total / self.n
     var = max(self.total_sq / self.n - mean * mean, 0.0)
     pa_mean = self.per_atom / self.n
@@ -204,6 +241,13 @@ class SplitStatistics:
     return out
 
 
+def _oc20_tags(tags: np.ndarray) -> bool:
+  """Whether every tag is an OC20 tag (0, 1 or 2)."""
+  if np.issubdtype(tags.dtype, np.integer):  # The common case, cheaper.
+    return not tags.size or bool(tags.min() >= 0 and tags.max() <= 2)
+  return bool(np.all(np.isin(tags, OC20_TAGS)))
+
+
 def summarize(example: dict) -> dict:
   """The per-structure numbers `SplitStatistics.add` needs.
 
@@ -211,14 +255,17 @@ def summarize(example: dict) -> dict:
   """
   z = example["atomic_numbers"]
   energy = float(example["energy"])
-  forces = example["forces"].astype(np.float64)
+  sq = example["forces"].astype(np.float64) ** 2
+  force_sq = float(sq.sum())
+  # Squares of float32 values cannot overflow a float64 sum: the sum is
+  # finite exactly when every force is.
+  has_forces = math.isfinite(force_sq)
   free = ~example["fixed"]
-  has_forces = bool(np.isfinite(forces).all())
   relaxed = example.get("energy_relaxed")
   tags = example.get("tags")
   # Only OC20 tags (0 subsurface, 1 surface, 2 adsorbate) name adsorbates;
   # ase.build numbers slab layers 1..L, where 2 is just a layer.
-  tagged = tags is not None and bool(np.all(np.isin(tags, OC20_TAGS)))
+  tagged = tags is not None and _oc20_tags(np.asarray(tags))
   return {
       "n_atoms": int(z.shape[0]),
       "n_edges": int(example["senders"].shape[0]),
@@ -231,8 +278,7 @@ def summarize(example: dict) -> dict:
       "energy": energy if math.isfinite(energy) else None,
       "energy_relaxed": (float(relaxed) if relaxed is not None
                          and math.isfinite(float(relaxed)) else None),
-      "force_sq": float((forces ** 2).sum()) if has_forces else None,
-      "free_force_sq": (float((forces[free] ** 2).sum()) if has_forces
-                        else None),
+      "force_sq": force_sq if has_forces else None,
+      "free_force_sq": float(sq[free].sum()) if has_forces else None,
       "n_free": int(free.sum()),
   }

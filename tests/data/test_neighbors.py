@@ -6,7 +6,7 @@ from ase.build import add_adsorbate, bulk, fcc111, molecule
 from ase.neighborlist import primitive_neighbor_list
 
 from matsci_jax.data.lmdb_reader import LmdbReader
-from matsci_jax.data.neighbors import edge_vectors, neighbor_list
+from matsci_jax.data.neighbors import Edges, edge_vectors, neighbor_list
 
 
 def _edge_set(senders, receivers, shifts):
@@ -110,3 +110,79 @@ def _edge_list_stored(s, mask):
   return list(zip(s.edge_index[0][mask].tolist(),
                   s.edge_index[1][mask].tolist(),
                   map(tuple, s.cell_offsets[mask].tolist())))
+
+
+def reference_neighbor_list(positions, cell, pbc, cutoff, max_neighbors=None):
+  """The edge rule done the plain way (a sort on all six keys), as the
+  converter first did it; `neighbor_list` must give the same arrays."""
+  import vesin
+  positions = np.ascontiguousarray(positions, dtype=np.float64)
+  pbc = np.asarray(pbc, bool)
+  box = np.asarray(cell, np.float64)
+  if not pbc.any():
+    extent = np.ptp(positions, axis=0)
+    box = np.diag(np.maximum(extent, 0.0) + 2 * cutoff + 1.0)
+  i, j, shifts, d = vesin.NeighborList(cutoff=float(cutoff),
+                                       full_list=True).compute(
+      positions, box, pbc.tolist(), quantities="ijSd")
+  keep = d > 1e-8
+  i, j, shifts, d = i[keep], j[keep], shifts[keep], d[keep]
+  order = np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], j, d, i))
+  i, j, shifts, d = i[order], j[order], shifts[order], d[order]
+  if max_neighbors is not None and len(i):
+    rank = np.arange(len(i)) - np.searchsorted(i, i, side="left")
+    keep = rank < max_neighbors
+    i, j, shifts, d = i[keep], j[keep], shifts[keep], d[keep]
+  return Edges(j.astype(np.int32), i.astype(np.int32),
+               shifts.astype(np.int32), d)
+
+
+def _many_structures():
+  from ase import Atoms
+  out = dict(_structures())
+  out["bulk_ties"] = bulk("Cu", "fcc", a=3.6) * (3, 3, 3)  # Exact ties.
+  out["rocksalt"] = bulk("NaCl", "rocksalt", a=5.64) * (2, 2, 2)
+  out["bcc_one_atom"] = bulk("Fe", "bcc", a=2.87)
+  out["single_atom"] = Atoms("H", positions=[[0, 0, 0]], pbc=False)
+  out["far_apart"] = Atoms("H2", positions=[[0, 0, 0], [0, 0, 20]],
+                           pbc=False)
+  rng = np.random.default_rng(0)
+  for k in range(3):
+    slab = fcc111("Cu", (4, 4, 4), vacuum=7.0)
+    add_adsorbate(slab, "O", 1.5, (rng.uniform(0, 8), rng.uniform(0, 8)))
+    slab.rattle(0.05, seed=k)
+    slab.pbc = True
+    out[f"rattled_slab_{k}"] = slab
+  return out
+
+
+@pytest.mark.parametrize("name", sorted(_many_structures()))
+def test_same_edges_as_a_plain_sort(name):
+  """The packed-key sort gives exactly the arrays of a sort on all keys:
+  order, ties (exact ones in crystals) and the cut at max_neighbors."""
+  atoms = _many_structures()[name]
+  for cutoff in (2.0, 3.5, 6.0, 8.0):
+    for cap in (None, 1, 6, 12, 50):
+      got = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc,
+                          cutoff, cap)
+      want = reference_neighbor_list(atoms.positions, atoms.cell.array,
+                                     atoms.pbc, cutoff, cap)
+      for a, b in zip(got, want):
+        assert a.dtype == b.dtype and np.array_equal(a, b), (cutoff, cap)
+
+
+def test_edge_order_breaks_near_and_exact_ties_by_neighbour_then_shift():
+  """Distances one float step apart share a sort step (and exact ties a
+  key); both must still come out in (distance, neighbour, shift) order,
+  also on the plain-sort path used when keys would be too coarse."""
+  from matsci_jax.data.neighbors import _edge_order
+  rng = np.random.default_rng(1)
+  base = np.array([1.0, np.nextafter(1.0, 2.0), 2.5, 2.5, 0.5])
+  d = np.concatenate([rng.permutation(base) for _ in range(40)])
+  i = np.repeat(np.arange(40), len(base)).astype(np.uint64)[
+      rng.permutation(len(d))]
+  j = rng.integers(0, 40, len(d)).astype(np.uint64)
+  shifts = rng.integers(-1, 2, (len(d), 3)).astype(np.int32)
+  want = np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], j, d, i))
+  for num_atoms in (40, 1 << 50):  # The second takes the plain sort.
+    assert np.array_equal(_edge_order(i, j, shifts, d, num_atoms, 3.0), want)

@@ -56,3 +56,92 @@ def test_slab_layer_numbers_are_not_oc20_tags():
   stats = statistics.SplitStatistics()
   stats.add(_summary([29] * 6, [1, 1, 2, 2, 3, 3], -1.0))
   assert "adsorbate_fit" not in stats.summary()["energy"]
+
+
+class _PlainMoments(statistics._Moments):
+  """The sums updated structure by structure, as they first were."""
+
+  def add(self, value, composition, n_atoms, adsorbate_composition=None):
+    if adsorbate_composition is not None:
+      features = np.array(adsorbate_composition, np.float64)
+      features[0] = 1.0
+      self.n_tagged += 1
+      self.ads_ctc += np.outer(features, features)
+      self.ads_cty += features * value
+    self.n += 1
+    self.total += value
+    self.total_sq += value * value
+    self.per_atom += value / n_atoms
+    self.per_atom_sq += (value / n_atoms) ** 2
+    self.ctc += np.outer(composition, composition)
+    self.cty += composition * value
+    self.counts_sum += composition
+
+
+def _plain_summarize(example):
+  """`summarize` as it first was."""
+  z = example["atomic_numbers"]
+  energy = float(example["energy"])
+  forces = example["forces"].astype(np.float64)
+  free = ~example["fixed"]
+  has_forces = bool(np.isfinite(forces).all())
+  tags = example.get("tags")
+  tagged = tags is not None and bool(np.all(np.isin(tags, (0, 1, 2))))
+  n = statistics.NUM_ELEMENTS
+  return {
+      "n_atoms": int(z.shape[0]),
+      "n_edges": int(example["senders"].shape[0]),
+      "n_slots": None,
+      "composition": np.bincount(z, minlength=n),
+      "adsorbate_composition": (np.bincount(z[tags == 2], minlength=n)
+                                if tagged else None),
+      "energy": energy if np.isfinite(energy) else None,
+      "energy_relaxed": None,
+      "force_sq": float((forces ** 2).sum()) if has_forces else None,
+      "free_force_sq": (float((forces[free] ** 2).sum()) if has_forces
+                        else None),
+      "n_free": int(free.sum()),
+  }
+
+
+@pytest.mark.parametrize("batch", [7, statistics._BATCH])
+def test_batched_sums_equal_structure_by_structure_sums(monkeypatch, batch):
+  """Summing compositions a batch at a time gives bit-identical statistics
+  (metadata.json is unchanged), with and without adsorbate fits, NaN
+  forces and missing energies."""
+  monkeypatch.setattr(statistics, "_BATCH", batch)
+  rng = np.random.default_rng(0)
+  fast, plain = statistics.SplitStatistics(), statistics.SplitStatistics()
+  plain.energy = _PlainMoments()
+  for k in range(2 * statistics._BATCH + 3):
+    n = int(rng.integers(2, 30))
+    z = rng.choice([1, 6, 8, 29, 78], n)
+    tags = (rng.integers(0, 3, n) if k % 50 else np.full(n, TAG_UNKNOWN))
+    forces = rng.normal(size=(n, 3)).astype(np.float32)
+    if k % 37 == 5:
+      forces[0, 1] = np.nan
+    example = {"atomic_numbers": z.astype(np.int32),
+               "tags": tags.astype(np.int32),
+               "energy": np.float32(np.nan if k % 41 == 3
+                                    else rng.normal() * 10),
+               "forces": forces, "fixed": rng.random(n) < 0.3,
+               "senders": np.zeros(int(rng.integers(0, 90)), np.int32)}
+    got, want = statistics.summarize(example), _plain_summarize(example)
+    assert got.keys() == want.keys()
+    for key in got:
+      assert np.array_equal(got[key], want[key]) if isinstance(
+          got[key], np.ndarray) else got[key] == want[key], key
+    fast.add(got)
+    plain.add(want)
+  assert fast.summary() == plain.summary()
+  assert "adsorbate_fit" not in fast.summary()["energy"]
+  # Only tagged structures: the adsorbate fit is made too.
+  fast, plain = statistics.SplitStatistics(), statistics.SplitStatistics()
+  plain.energy = _PlainMoments()
+  for _ in range(statistics._BATCH + 5):
+    z, tags, energy = _slab_with_adsorbate(rng, {1: -0.4, 8: -0.7}, -0.3)
+    summary = _summary(z, tags, energy + rng.normal() * 1e-3)
+    fast.add(summary)
+    plain.add(summary)
+  assert "adsorbate_fit" in fast.summary()["energy"]
+  assert fast.summary() == plain.summary()

@@ -1,10 +1,12 @@
 """The converter: round trip, splits, statistics, and every bad-input error."""
 
+import errno
 import glob
 import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -544,3 +546,250 @@ def test_the_package_imports_no_scripts(tmp_path):
                        capture_output=True, text=True)
   assert run.returncode == 0, run.stderr
   assert run.stdout.strip() == "[]"
+
+
+# --- stored examples against a plain reference -------------------------------
+
+
+def _slab_file(path, n=24):
+  """OC20-like slab frames: tags, fixed atoms, energies and forces."""
+  import ase.io
+  from ase.calculators.singlepoint import SinglePointCalculator
+  rng = np.random.default_rng(0)
+  frames = []
+  for k in range(n):
+    slab = fcc100("Cu", (3, 3, 3), vacuum=6.0)
+    add_adsorbate(slab, "O", 1.5 + 0.3 * rng.uniform(), "hollow")
+    slab.rattle(0.05, seed=k)
+    slab.pbc = True
+    layer = slab.get_tags()
+    tags = np.where(layer == 0, 2, np.where(layer == 1, 1, 0))
+    slab.set_tags(tags)
+    slab.set_constraint(FixAtoms(mask=tags == 0))
+    del slab.info["adsorbate_info"]
+    slab.calc = SinglePointCalculator(slab, energy=float(rng.normal()),
+                                      forces=rng.normal(size=(len(slab), 3)))
+    frames.append(slab)
+  ase.io.write(path, frames)
+  return path
+
+
+def _reference_example(s, spec, task, rng):
+  """The stored example built the plain way: a sort on all keys for the
+  edges, slots from their own neighbour list, tfds' serializer."""
+  from matsci_jax.data import schema
+  from matsci_jax.data.point_cloud import PointCloud, select_centers
+  from matsci_jax.data.structure import validate
+  from tests.data.test_neighbors import reference_neighbor_list
+  s = validate(s)
+  edges = (reference_neighbor_list(s.positions, s.cell, s.pbc, spec.cutoff,
+                                   spec.max_neighbors)
+           if spec.representation != "point_cloud" else
+           neighbor_list(s.positions[:0], s.cell, s.pbc, 1.0))
+  slots = None
+  if spec.point_cloud is not None:
+    pc, n = spec.point_cloud, s.num_atoms
+    k = pc.num_neighbors
+    centers = select_centers(s.tags, pc.bulk_samples, rng)
+    e = reference_neighbor_list(s.positions, s.cell, s.pbc, pc.cutoff, k)
+    first = np.searchsorted(e.receivers, np.arange(n))
+    rank = np.arange(len(e.receivers)) - first[e.receivers]
+    slots_j = np.repeat(np.arange(n, dtype=np.int32)[:, None], k, 1)
+    slots_s = np.zeros((n, k, 3), np.int32)
+    slots_m = np.zeros((n, k), bool)
+    slots_j[e.receivers, rank] = e.senders
+    slots_s[e.receivers, rank] = e.cell_shifts
+    slots_m[e.receivers, rank] = True
+    slots = PointCloud(slots_j[centers].reshape(-1),
+                       np.repeat(centers, k).astype(np.int32),
+                       slots_s[centers].reshape(-1, 3),
+                       slots_m[centers].reshape(-1), centers)
+  return schema.to_example(s, edges, task, slots)
+
+
+def _records(folder, name, split):
+  from array_record.python import array_record_module
+  out = []
+  for path in sorted(glob.glob(f"{folder}/{name}-{split}.array_record-*")):
+    reader = array_record_module.ArrayRecordReader(path)
+    out += reader.read(list(range(reader.num_records())))
+    reader.close()
+  return out
+
+
+@pytest.mark.parametrize("spec", [
+    GraphSpec(),
+    GraphSpec(5.0, 30, "both", PointCloudSpec(5.0, 12, 3, seed=4)),
+    GraphSpec(6.0, 8, "both", PointCloudSpec(6.0, 12, 2)),
+    GraphSpec(6.0, None, "both", PointCloudSpec(4.0, 6, 2)),
+    GraphSpec(representation="point_cloud", point_cloud=PointCloudSpec(6.0)),
+], ids=["graph", "both_shared", "both_capped", "both_other_cutoff",
+        "point_cloud"])
+def test_stored_examples_match_a_plain_reference(shared_data, tmp_path, spec):
+  """Every stored record has the bytes of the example built entry by entry
+  with ASE's reader, a plain sort for edges and tfds' serializer (in
+  protobuf's deterministic order), and the statistics match too."""
+  import ase.io
+  from tensorflow_datasets.core import example_serializer
+
+  from matsci_jax.data import schema
+  from matsci_jax.data.ase_reader import structure_from_atoms
+  from tests.data.test_statistics import _PlainMoments, _plain_summarize
+  slabs = _slab_file(tmp_path / "slabs.extxyz")
+  lmdb = shared_data / "oc20_is2re_toy"
+  converter.convert([f"train={slabs}", f"train={lmdb}"], tmp_path / "ds",
+                    task="s2ef", graph_spec=spec, workers=1, progress=False,
+                    examples_per_shard=10)
+  records = _records(tmp_path / "ds", "ds", "train")
+  features = schema.features("s2ef", spec.point_cloud is not None)
+  serializer = example_serializer.ExampleSerializer(
+      features.get_serialized_info())
+  structures = [structure_from_atoms(a, str(slabs), i, fid=i) for i, a in
+                enumerate(ase.io.read(slabs, index=":"))]
+  reader = LmdbReader(str(lmdb))
+  structures += [reader[i] for i in range(len(reader))]
+  assert len(records) == len(structures) == 34
+  plain = converter.SplitStatistics()
+  plain.energy = _PlainMoments()
+  for k, s in enumerate(structures):
+    pc = spec.point_cloud
+    reader_index, entry = (0, k) if k < 24 else (1, k - 24)
+    rng = (None if pc is None else
+           np.random.default_rng([pc.seed, reader_index, entry]))
+    example = _reference_example(s, spec, "s2ef", rng)
+    want = serializer.get_tf_example(features.encode_example(
+        example)).SerializeToString(deterministic=True)
+    assert records[k] == want, k
+    summary = _plain_summarize(example)
+    if "pc_senders" in example:
+      summary["n_slots"] = int(example["pc_senders"].shape[0])
+    plain.add(summary)
+  metadata = Dataset(str(tmp_path / "ds")).metadata
+  assert metadata["splits"]["train"]["statistics"] == json.loads(
+      json.dumps(plain.summary()))
+
+
+# --- an output that cannot be written ----------------------------------------
+
+
+def _cli(tmp_path, src, out, capsys):
+  code = convert_cli.main(["--input", f"train={src}", "--output", str(out),
+                           "--task", "s2ef", "--workers", "1",
+                           "--no-progress"])
+  err = capsys.readouterr().err
+  return code, err
+
+
+def test_read_only_output_folder_is_one_error_line(shared_data, tmp_path,
+                                                   capsys, monkeypatch):
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  locked.chmod(0o555)
+  if os.geteuid() == 0:  # chmod does not stop root: refuse as the OS would.
+    mkdir = os.mkdir
+
+    def refuse(path, *args, **kwargs):
+      if os.fspath(path).startswith(str(locked)):
+        raise PermissionError(13, "Permission denied", os.fspath(path))
+      return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refuse)
+  try:
+    code, err = _cli(tmp_path, shared_data / "oc20_is2re_toy",
+                     locked / "out", capsys)
+  finally:
+    locked.chmod(0o755)
+  assert code == 2 and err.count("\n") == 1, err
+  assert err.startswith(f"error: {locked}: cannot create the output folder "
+                        "out there: Permission denied"), err
+  assert os.listdir(locked) == []
+
+
+class _Disk:
+  """Stands in for ArrayRecord's writer on a disk with room for `room`
+  records: the write after them fails as the system's write does."""
+
+  def __init__(self, room):
+    self.room, self.writes, self.closed = room, 0, 0
+
+  def writer(self, path, options):
+    del options
+    open(path, "wb").close()
+    disk = self
+
+    class Writer:
+
+      def write(self, record):
+        disk.writes += 1
+        if disk.writes > disk.room:
+          raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+      def close(self):
+        disk.closed += 1
+
+    return Writer()
+
+
+def test_full_disk_stops_at_the_failing_write(shared_data, tmp_path, capsys,
+                                              monkeypatch):
+  from matsci_jax.data import dataset_io
+  disk = _Disk(room=3)
+  monkeypatch.setattr(dataset_io.array_record_module, "ArrayRecordWriter",
+                      disk.writer)
+  out = tmp_path / "out"
+  code, err = _cli(tmp_path, shared_data / "oc20_s2ef_toy" / "noedges", out,
+                   capsys)
+  assert code == 2 and err.count("\n") == 1, err
+  assert re.match(rf"error: {re.escape(str(out))}: the disk is full "
+                  r"\([\d.]+ \w+ free of [\d.]+ \w+\)", err), err
+  # Noticed at the fourth record, not when the shard is closed.
+  assert disk.writes == 4
+  assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_full_disk_is_noticed_before_the_writer_flushes(tmp_path,
+                                                        monkeypatch):
+  """ArrayRecord buffers 16 MiB before writing to disk: too little free
+  space must stop the conversion at once, not when the buffer is flushed
+  or the shard closed."""
+  import collections
+
+  from matsci_jax.data import dataset_io
+  usage = collections.namedtuple("usage", "total used free")
+  monkeypatch.setattr(shutil, "disk_usage",
+                      lambda path: usage(1 << 30, (1 << 30) - 300_000,
+                                         300_000))
+  disk = _Disk(room=10**6)
+  monkeypatch.setattr(dataset_io.array_record_module, "ArrayRecordWriter",
+                      disk.writer)
+  out = tmp_path / "out"
+  with pytest.raises(OSError, match=rf"{re.escape(str(out))}: the disk is "
+                     r"full \(293.0 KiB free of 1.0 GiB\)") as error:
+    converter.convert([f"train={_slab_frames(tmp_path / 'f.extxyz')}"], out,
+                      task="s2ef", workers=1, progress=False)
+  assert error.value.errno == errno.ENOSPC
+  assert disk.writes == 0  # Stopped before the first record.
+  assert sorted(os.listdir(tmp_path)) == ["f.extxyz"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_full_disk_seen_by_array_record_is_one_error_line(shared_data,
+                                                          tmp_path, capsys,
+                                                          monkeypatch):
+  """ArrayRecord's own report of a failed write (a RuntimeError, here at
+  the shard's close) names the folder too."""
+  from matsci_jax.data import dataset_io
+  real = dataset_io.array_record_module.ArrayRecordWriter
+
+  def to_full(path, options):
+    open(path, "wb").close()
+    return real("/dev/full", options)
+
+  monkeypatch.setattr(dataset_io.array_record_module, "ArrayRecordWriter",
+                      to_full)
+  out = tmp_path / "out"
+  code, err = _cli(tmp_path, shared_data / "oc20_is2re_toy", out, capsys)
+  assert code == 2 and err.count("\n") == 1, err
+  assert err.startswith(f"error: {out}: the disk is full ("), err
+  assert "No space left on device" in err
+  assert sorted(os.listdir(tmp_path)) == []
