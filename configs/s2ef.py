@@ -4,11 +4,13 @@ r"""S2EF with EGNN on the built-in EMT dev set (energy and forces).
     python -m matsci_jax.main --config=configs/s2ef.py:megnet   (or :gala,
         :egnn_paper, :megnet_paper, :gala_paper; see configs/models.py)
 
-Hardware: a laptop CPU (2 cores) is enough. Expected cost: 40-50 s to
+Hardware: a laptop CPU (2 cores) is enough. Expected cost: about 25 s to
 build and convert the dev set on first use (cached in ~/.cache/matsci_jax),
-then 2,400 steps, about 2 minutes at 20 steps/s on two cores; validation
-force MAE ends at about 0.066 eV/Å (zero-force baseline 0.25) and energy
-MAE at about 0.26 eV (mean-energy baseline 0.75). README lists the numbers.
+then 2,400 steps, about 1.6 minutes at 25 steps/s on two cores (2.1 minutes
+in all; slower two-core machines take up to three times as long);
+validation force MAE ends at about 0.067 eV/Å (zero-force baseline 0.25)
+and energy MAE at about 0.24 eV (mean-energy baseline 0.75). README lists
+the numbers.
 
 Point `data.path` at any folder made by `python -m data_prep.convert` to
 train on other data, e.g. `--config.data.path=/data/oc20/s2ef_200k`.
@@ -56,9 +58,9 @@ def get_config(model: str = "egnn") -> ml_collections.ConfigDict:
 
   # Optimizer: AdamW, warm-up then cosine decay, clipping, EMA for eval.
   config.optimizer = ml_collections.ConfigDict()
-  # EGNN: 2,400 steps at 4e-3 end near 3,000 steps at 2e-3 (validation
-  # force MAE 0.066 against 0.063 eV/Å, energy 0.26 against 0.28 eV) in 80%
-  # of the time; 2,000 steps stop at 0.072 eV/Å. Other configs keep 2e-3.
+  # EGNN: 2,400 steps at 4e-3 reach validation force MAE 0.067 eV/Å;
+  # 2,000 steps stop at 0.074-0.076 (at 4e-3 or 5e-3), batches of 4 at
+  # 0.106, and 6e-3 diverges. Other configs keep 2e-3.
   config.optimizer.learning_rate = 4e-3 if model == "egnn" else 2e-3
   config.optimizer.end_lr_factor = 0.01
   config.optimizer.warmup_steps = 50
