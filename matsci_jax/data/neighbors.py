@@ -21,6 +21,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 import vesin
 
+from matsci_jax.data.structure import MAX_EDGES
+
 # Recorded in every converted dataset's metadata.
 NEIGHBOR_RULE = ("pairs with 0 < distance <= cutoff under periodic images; "
                  "each centre keeps its max_neighbors nearest, ties broken "
@@ -63,6 +65,8 @@ def neighbor_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
   box = np.asarray(cell, np.float64)
   if not pbc.any():
     box = _aperiodic_box(positions, cutoff)
+  else:
+    _check_size(len(positions), box, cutoff)
   calc = vesin.NeighborList(cutoff=float(cutoff), full_list=True,
                             n_threads=1)
   i, j, shifts, d = calc.compute(positions, box, pbc.tolist(),
@@ -81,6 +85,21 @@ def neighbor_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
   receivers = np.repeat(np.arange(len(positions), dtype=np.int32), counts)
   return Edges(senders=j[order].astype(np.int32), receivers=receivers,
                cell_shifts=shifts[order].astype(np.int32), distances=d[order])
+
+
+def _check_size(num_atoms: int, cell: np.ndarray, cutoff: float) -> None:
+  """Refuses a periodic cell so small for its atoms that the list would
+  exceed `MAX_EDGES` (a damaged or crafted cell would otherwise ask for
+  many gigabytes): about N * N * (sphere volume / cell volume) pairs."""
+  volume = abs(float(np.linalg.det(cell)))
+  if volume <= 0:
+    return
+  pairs = num_atoms * num_atoms * (4 / 3 * np.pi * cutoff**3) / volume
+  if pairs > MAX_EDGES:
+    raise ValueError(
+        f"a cell of {volume:.3g} Å^3 holding {num_atoms:,} atoms gives about "
+        f"{pairs:.2g} neighbour pairs within {cutoff} Å, more than the "
+        f"{MAX_EDGES:,} a structure may have (structure.MAX_EDGES)")
 
 
 def _edge_order(i, j, shifts, d, num_atoms, cutoff) -> np.ndarray:

@@ -186,3 +186,14 @@ def test_edge_order_breaks_near_and_exact_ties_by_neighbour_then_shift():
   want = np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], j, d, i))
   for num_atoms in (40, 1 << 50):  # The second takes the plain sort.
     assert np.array_equal(_edge_order(i, j, shifts, d, num_atoms, 3.0), want)
+
+
+def test_a_tiny_periodic_cell_is_refused_before_the_search():
+  # 200 atoms in a 1e-3 Å^3 cell would give about 3.6e10 pairs within 6 Å.
+  positions = np.random.default_rng(0).uniform(0, 0.1, (200, 3))
+  with pytest.raises(ValueError, match=r"more than the 100,000,000"):
+    neighbor_list(positions, np.eye(3) * 0.1, np.ones(3, bool), 6.0, 50)
+  # A real dense cell of the same atoms passes: 200 atoms in 12 Å cubes.
+  edges = neighbor_list(positions * 120, np.eye(3) * 12.0, np.ones(3, bool),
+                        6.0, 50)
+  assert len(edges.senders) == 200 * 50
