@@ -13,10 +13,23 @@ _HEADER = ("# Benchmark results\n\nWritten by the scripts in this folder "
            "(`--record`); each section holds the JSON a script printed.\n")
 
 
+def cpu_model() -> str:
+  """The CPU's model name (machines differ up to 3x; results name theirs)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
   import jax
   return {"platform": platform.platform(), "python": platform.python_version(),
-          "cpu_count": os.cpu_count(), "jax": jax.__version__,
+          "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+          "jax": jax.__version__,
           "devices": [str(d) for d in jax.devices()]}
 
 

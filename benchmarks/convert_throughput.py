@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import pickle
-import platform
 import resource
 import tempfile
 import time
@@ -79,17 +78,6 @@ def _cpu_seconds() -> float:
   return time.process_time() + children.ru_utime + children.ru_stime
 
 
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -102,7 +90,7 @@ def main():
   shared = os.path.join(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), "..", "shared", "data",
       "matsciml_lips_devset")
-  results = {"cpu": _cpu_model(), "runs": []}
+  results = {"cpu": _results.cpu_model(), "runs": []}
   with tempfile.TemporaryDirectory() as tmp:
     inputs = {}
     if "slabs" in args.inputs:

@@ -39,6 +39,8 @@ import time
 
 import numpy as np
 
+from benchmarks import _results
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -51,18 +53,6 @@ def _status() -> dict:
       if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
         out[key] = int(value.split()[0]) / 1024
   return out
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  import platform
-  return platform.processor() or "unknown"
 
 
 def _cells(n: int):
@@ -219,8 +209,7 @@ def main():
       "runs": runs,
       "growth_kb_per_structure": growth,
       "noise_mb_between_processes": noise,
-      "cpu_model": _cpu_model()}
-  from benchmarks import _results
+      "cpu_model": _results.cpu_model()}
   _results.report(
       "predict_memory", "Prediction memory against input size", result,
       "`python -m benchmarks.predict_memory --record`. Target: flat peak "
