@@ -29,6 +29,11 @@ def get_config(model: str = "egnn") -> ml_collections.ConfigDict:
   # Data: a converted dataset folder, or "devset" for the built-in EMT set.
   config.data = ml_collections.ConfigDict()
   config.data.path = "devset"
+  # Several datasets in one run: named sources, each
+  # ConfigDict(path=..., weight=...), replace `path` (see configs/multi.py).
+  config.data.sources = ml_collections.ConfigDict()
+  # Sources are drawn in proportion to weight x size**temperature.
+  config.data.sampling_temperature = 1.0
   config.data.task = "s2ef"
   config.data.devset_dir = "~/.cache/matsci_jax/devset"
   config.data.devset_num_systems = 300
@@ -55,6 +60,17 @@ def get_config(model: str = "egnn") -> ml_collections.ConfigDict:
   config.loss.energy_per_atom = True
   config.loss.force_loss = "l2mae"
   config.loss.free_atoms_only = True  # OC20 trains and evaluates free atoms
+  # Stress (eV/Å^3, the strain derivative of the energy); needs data with
+  # stress (e.g. the bulk dev set, configs/multi.py).
+  config.loss.stress_weight = 0.0
+
+  # Fine-tuning: start from a trained model (a workdir or a step folder).
+  # Encoder parameters load, heads where names and shapes match; elements
+  # the trained model never saw keep fresh embeddings. `freeze` holds
+  # regular expressions of parameter paths ("layer_0/.*") kept fixed.
+  config.init = ml_collections.ConfigDict()
+  config.init["from"] = ""
+  config.init.freeze = ()
 
   # Optimizer: AdamW, warm-up then cosine decay, clipping, EMA for eval.
   config.optimizer = ml_collections.ConfigDict()

@@ -12,7 +12,10 @@ seeded permutation (`--val-fraction`, `--test-fraction`, `--split-seed`).
 The output folder is a tensorflow-datasets ArrayRecord dataset, one example
 per structure, with periodic edges computed by vesin; see
 `matsci_jax.data.dataset_io` for its layout and `matsci_jax.data.schema` for
-the features. It is written to a temporary folder and moved into place only
+the features. Energies, forces and stress (eV/Å^3, ASE's sign: extended XYZ
+`stress=`/`virial=`, ASE databases, LMDB `stress`/`virial`) are stored when
+the inputs have them; each must be present in all entries of a split or in
+none. It is written to a temporary folder and moved into place only
 when complete. A bad entry stops the run with an error naming the file, the
 entry and the problem, unless `--skip-bad` is given, which skips it and lists
 it in `skipped.jsonl`.

@@ -31,11 +31,13 @@ import warnings
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
 from matsci_jax import checkpoint_integrity as integrity
 from matsci_jax import models, tasks
+from matsci_jax.config_checks import best_metric_terms, best_metric_value
 from matsci_jax.checkpoint_integrity import (  # noqa: F401  (public here)
     CheckpointError, DamagedCheckpointWarning)
 from matsci_jax.models import precision as precision_lib
@@ -43,7 +45,8 @@ from matsci_jax.data.ase_reader import structure_from_atoms
 from matsci_jax.data.graph_spec import GraphSpec
 from matsci_jax.data.structure import Structure
 from matsci_jax.energy import (Normalizer, make_atom_energies_fn,
-                               make_energy_and_forces_fn, make_energy_fn)
+                               make_energy_and_forces_fn, make_energy_fn,
+                               make_energy_forces_stress_fn)
 
 MODEL_FILE = "model.json"
 CONFIG_FILE = "config.json"
@@ -107,13 +110,20 @@ class RunFolder:
   def write_model(self, model_config, task: tasks.Task,
                   normalizer: Normalizer, graph_spec: GraphSpec,
                   dataset: str, num_params: int,
-                  elements: Sequence[int] | None = None) -> None:
+                  elements: Sequence[int] | None = None,
+                  sources: Sequence[tuple[str, str]] = ()) -> None:
     """What `load` needs to rebuild the model and its inputs, and the
-    atomic numbers its training data held."""
+    atomic numbers its training data held.
+
+    `sources`: (name, dataset folder) of each data source of a run with
+    several; the normaliser then holds one entry per source, in order.
+    """
     if self.writer:
       _write_json(self.file(MODEL_FILE), {
           "model": model_config.to_dict(), "task": task.name,
+          "stress": task.stress,
           "normalizer": normalizer.to_dict(), "dataset": dataset,
+          "sources": [{"name": n, "dataset": d} for n, d in sources],
           **graph_spec.to_dict(), "num_params": num_params,
           "elements": None if elements is None else sorted(
               int(z) for z in elements)})
@@ -127,7 +137,9 @@ class RunFolder:
     if missing:
       raise CheckpointError(f"{path} lacks {', '.join(missing)}")
     info["graph_spec"] = GraphSpec.from_dict(info)
-    info["task"] = tasks.get(info["task"])
+    info["task"] = tasks.get(info["task"]).for_data(
+        stress=info.get("stress", False))
+    info["sources"] = tuple(s["name"] for s in info.get("sources") or ())
     return info
 
   def write_config(self, config: ml_collections.ConfigDict) -> None:
@@ -176,7 +188,8 @@ class Checkpoints:
         os.path.join(workdir, BEST_DIR),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True,
-            best_fn=lambda m: m[best_metric], best_mode="min"),
+            best_fn=lambda m: best_metric_value(best_metric, m),
+            best_mode="min"),
         item_names=("state",))
     self._saving = {}  # manager -> the step it may still be writing
     self._reported_disk_full = False
@@ -289,7 +302,8 @@ class Checkpoints:
     self._save(self.latest, step, ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)),
         custom_metadata=metadata)
-    if eval_results and self.best_metric in eval_results:
+    if eval_results and all(name in eval_results for _, name in
+                            best_metric_terms(self.best_metric)):
       self._save(self.best, step, ocp.args.Composite(
           state=ocp.args.StandardSave(state)), metrics=eval_results,
           custom_metadata=metadata)
@@ -333,6 +347,10 @@ class Trained:
     elements: atomic numbers in its training data (None: not recorded).
       Others have a reference energy of zero and an untrained embedding:
       `example` warns once per such element.
+    sources: names of the data sources of a run with several (their
+      energies have different zeros, and may have their own heads).
+    source: the index of the source whose energies it predicts (see
+      `for_source`).
   """
   model: Any
   params: Any
@@ -344,6 +362,8 @@ class Trained:
   dataset: str
   workdir: str
   elements: tuple[int, ...] | None = None
+  sources: tuple[str, ...] = ()
+  source: int = 0
   _warned: set = dataclasses.field(default_factory=set, init=False,
                                    repr=False, compare=False)
 
@@ -383,15 +403,45 @@ class Trained:
       self._warned.update(new)
       warnings.warn(message, UnseenElementWarning, stacklevel=3)
 
+  def for_source(self, name: str) -> "Trained":
+    """This model predicting the energies of data source `name` (its
+    reference energies, normaliser and head).
+
+    Raises:
+      ValueError: the model has no source of that name.
+    """
+    if name not in self.sources:
+      raise ValueError(
+          f"the model in {self.workdir} has no data source {name!r}; it has "
+          f"{', '.join(map(repr, self.sources)) or 'none (one dataset)'}")
+    return dataclasses.replace(self, source=self.sources.index(name))
+
+  def _on_source(self, fn: Callable) -> Callable:
+    """`fn` with each batch's structures marked as `source`'s, unless
+    the batch names its sources."""
+    if not self.sources:
+      return fn
+    index = self.source
+
+    def on_source(params, graph, *args):
+      if "source" not in graph.globals:
+        mask = graph.globals["mask"]
+        graph = graph._replace(globals=dict(
+            graph.globals, source=jnp.full(mask.shape, index, jnp.int32)))
+      return fn(params, graph, *args)
+
+    return on_source
+
   @property
   def energy_fn(self) -> Callable:
     """`energy_fn(params, graph) -> float32 [n_graph]` energies in eV."""
-    return make_energy_fn(self.model, self.normalizer)
+    return self._on_source(make_energy_fn(self.model, self.normalizer))
 
   @property
   def atom_energies(self) -> Callable:
     """`fn(params, graph) -> float32 [n_node]` per-atom energies in eV."""
-    return make_atom_energies_fn(self.model, self.normalizer)
+    return self._on_source(make_atom_energies_fn(self.model,
+                                                 self.normalizer))
 
   @property
   def energy_and_forces(self) -> Callable:
@@ -399,7 +449,18 @@ class Trained:
 
     Energies are [n_graph] in eV, forces [n_node, 3] in eV/Å.
     """
-    return make_energy_and_forces_fn(self.model, self.normalizer)
+    return self._on_source(make_energy_and_forces_fn(self.model,
+                                                     self.normalizer))
+
+  @property
+  def energy_forces_stress(self) -> Callable:
+    """`fn(params, graph) -> (energies, forces, stress)`.
+
+    Stress is [n_graph, 3, 3] in eV/Å^3 (ASE's sign convention), the
+    strain derivative of the energy; zero for structures without a cell.
+    """
+    return self._on_source(make_energy_forces_stress_fn(self.model,
+                                                        self.normalizer))
 
 
 def _locate(path: str) -> tuple[str, str | None, int | None]:
@@ -451,9 +512,10 @@ def _best_first(folder: str, steps: list[int], metric: str | None):
   newest first where none is recorded."""
   def key(step):
     try:
-      value = float(_read_json(
-          os.path.join(folder, str(step), "metrics", "metrics"))[metric])
-    except (CheckpointError, KeyError, TypeError, ValueError):
+      value = best_metric_value(metric, _read_json(
+          os.path.join(folder, str(step), "metrics", "metrics")))
+    except (CheckpointError, KeyError, TypeError, ValueError,
+            AttributeError):
       value = math.inf
     return (value if math.isfinite(value) else math.inf, -step)
   return sorted(steps, key=key)
@@ -517,7 +579,9 @@ def load(path: str, *, checkpoint: str | int = "best", ema: bool = True,
       folder, candidates, lambda s: _restore_on_one_device(folder, s), hint)
   integrity.warn_skipped(folder, skipped, step)
 
-  model = models.from_config(ml_collections.ConfigDict(_tuples(info["model"])))
+  model = models.from_config(
+      ml_collections.ConfigDict(_tuples(info["model"])),
+      num_sources=max(len(info["sources"]), 1))
   model = precision_lib.apply(
       model, precision or config.get("precision", "float32"))
   return Trained(
@@ -526,4 +590,4 @@ def load(path: str, *, checkpoint: str | int = "best", ema: bool = True,
       task=info["task"], step=step, graph_spec=info["graph_spec"],
       dataset=info.get("dataset", ""), workdir=workdir,
       elements=(None if info.get("elements") is None
-                else tuple(info["elements"])))
+                else tuple(info["elements"])), sources=info["sources"])

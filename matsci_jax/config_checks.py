@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 from typing import Optional
 
 import ml_collections
 
 from matsci_jax import tasks
 from matsci_jax.models.precision import PRECISIONS
+from matsci_jax.models.registry import HEADS
 
 # Fields every config must have (section -> fields); see configs/s2ef.py.
 REQUIRED_FIELDS = {
@@ -107,6 +109,8 @@ NUMERIC_FIELDS = {
         "num_workers": _OPTIONAL, "prefetch": _OPTIONAL, "seed": _OPTIONAL,
         # The dev set needs a train and a val system.
         "devset_num_systems": _integer(2),
+        "bulk_devset_num_structures": _integer(2),
+        "sampling_temperature": _real(0),
     },
     "model": {
         "cutoff": _real(0, low_open=True),
@@ -121,7 +125,8 @@ NUMERIC_FIELDS = {
         # Embeddings are indexed by atomic number, up to 118.
         "num_species": _integer(119),
     },
-    "loss": {"energy_weight": _WEIGHT, "force_weight": _WEIGHT},
+    "loss": {"energy_weight": _WEIGHT, "force_weight": _WEIGHT,
+             "stress_weight": _WEIGHT},
     "optimizer": {
         "learning_rate": _real(0, low_open=True),
         "end_lr_factor": _real(0, 1),
@@ -174,13 +179,83 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.parallel.strategy 'pmap' replicates the state "
                       "on every device; FSDP (config.mesh.fsdp > 1) needs "
                       "strategy 'jit'")
-  split, _, metric = config.train.best_metric.partition("/")
-  known = tasks.get(config.data.task).metrics
-  if split not in config.data.eval_splits or metric not in known:
-    raise ConfigError(
-        f"config.train.best_metric {config.train.best_metric!r} must be "
-        f"'<eval split>/<metric>' with a split of config.data.eval_splits "
-        f"{tuple(config.data.eval_splits)} and a metric of {known}")
+  sources = _check_sources(config)
+  _check_best_metric(config, sources)
+  heads = config.model.get("heads", "shared")
+  if heads not in HEADS:
+    raise ConfigError(f"config.model.heads must be one of {HEADS}, got "
+                      f"{heads!r}")
+  for pattern in (config.get("init") or {}).get("freeze", ()):
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise ConfigError(f"config.init.freeze: {pattern!r} is not a regular "
+                        f"expression ({e})") from e
+
+
+def _check_sources(config) -> list[str]:
+  """The names of `config.data.sources` (empty for one source), checked."""
+  sources = config.data.get("sources") or {}
+  for name, source in sources.items():
+    if not name or "/" in name:
+      raise ConfigError(f"config.data.sources: {name!r} is not a source "
+                        "name (metrics are named '<split>/<source>/...', so "
+                        "no '/')")
+    if not isinstance(source, (dict, ml_collections.ConfigDict)) or not (
+        isinstance(source.get("path"), str) and source.get("path")):
+      raise ConfigError(f"config.data.sources.{name} needs a 'path' (a "
+                        "converted dataset folder, 'devset' or "
+                        "'devset_bulk')")
+    weight = source.get("weight", 1.0)
+    if not _WEIGHT.allows(weight):
+      raise ConfigError(f"config.data.sources.{name}.weight = {weight!r}: "
+                        f"must be {_WEIGHT.describe()}")
+  if sources and not any(s.get("weight", 1.0) > 0 for s in sources.values()):
+    raise ConfigError("config.data.sources: every weight is 0, so nothing "
+                      "would be sampled")
+  return list(sources)
+
+
+def best_metric_terms(text: str) -> list[tuple[float, str]]:
+  """(weight, metric name) of `config.train.best_metric`: one name
+  ("val/force_mae", "val/lips/force_mae") or a weighted sum
+  ("val/slabs/force_mae + 0.5 * val/lips/force_mae").
+
+  Raises:
+    ConfigError: a weight is not a number.
+  """
+  terms = []
+  for part in text.split("+"):
+    weight, star, name = part.strip().rpartition("*")
+    try:
+      terms.append((float(weight) if star else 1.0, name.strip()))
+    except ValueError as e:
+      raise ConfigError(f"config.train.best_metric {text!r}: {weight!r} is "
+                        "not a weight") from e
+  return terms
+
+
+def best_metric_value(text: str, metrics: dict) -> float:
+  """The value of `config.train.best_metric` `text` in `metrics`."""
+  return sum(w * float(metrics[name]) for w, name in best_metric_terms(text))
+
+
+def _check_best_metric(config, sources: list[str]) -> None:
+  task = tasks.get(config.data.task)
+  known = task.for_data(stress=True).metrics
+  form = "<eval split>/<source>/<metric>" if sources else (
+      "<eval split>/<metric>")
+  for _, name in best_metric_terms(config.train.best_metric):
+    parts = name.split("/")
+    if len(parts) != (3 if sources else 2) or (
+        parts[0] not in config.data.eval_splits or parts[-1] not in known
+        or (sources and parts[1] not in sources)):
+      raise ConfigError(
+          f"config.train.best_metric {config.train.best_metric!r} must be "
+          f"'{form}' or a weighted sum of such names, with a split of "
+          f"config.data.eval_splits {tuple(config.data.eval_splits)}"
+          + (f", a source of {tuple(sources)}" if sources else "")
+          + f" and a metric of {known}")
 
 
 def _check_numbers(config: ml_collections.ConfigDict) -> None:

@@ -14,7 +14,7 @@ that grows with the slab and that an intensive readout cannot cancel.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import flax
 import jax
@@ -31,6 +31,10 @@ NUM_ELEMENTS = 119
 class Normalizer:
   """Target scaling from training-split statistics.
 
+  With several data sources (`stack`), every field but `reference_tag`
+  gains a leading source axis [num_sources, ...], and each structure uses
+  its source's entries (`globals["source"]` of a batch; 0 when absent).
+
   Attributes:
     scale: eV per unit of per-atom model output; also the unit of the
       normalised loss.
@@ -39,6 +43,8 @@ class Normalizer:
     graph_scale: eV per unit of per-structure model output (the spread of
       structure energies after the element references).
     graph_shift: eV added per structure.
+    stress_scale: eV/Å^3, the unit of the normalised stress loss (the
+      training split's stress RMS).
     reference_tag: -1 to apply `element_energies` to every atom, or the OC20
       tag of the atoms they apply to (2: adsorbate).
   """
@@ -47,13 +53,15 @@ class Normalizer:
   element_energies: jax.Array
   graph_scale: jax.Array = 1.0
   graph_shift: jax.Array = 0.0
+  stress_scale: jax.Array = 1.0
   reference_tag: int = flax.struct.field(pytree_node=False, default=-1)
 
   @classmethod
   def identity(cls) -> "Normalizer":
     return cls(scale=jnp.float32(1.0), shift=jnp.float32(0.0),
                element_energies=jnp.zeros(NUM_ELEMENTS, jnp.float32),
-               graph_scale=jnp.float32(1.0))
+               graph_scale=jnp.float32(1.0), graph_shift=jnp.float32(0.0),
+               stress_scale=jnp.float32(1.0))
 
   @classmethod
   def from_statistics(cls, stats: dict, target: str = "energy",
@@ -69,6 +77,7 @@ class Normalizer:
     refs = np.zeros(NUM_ELEMENTS, np.float32)
     if not energy:
       return cls.identity()
+    stress_scale = jnp.float32(_positive(stats.get("stress_rms")))
     fit = energy.get("adsorbate_fit") if per_graph else None
     if fit:
       for z, value in fit["element_references"].items():
@@ -84,43 +93,114 @@ class Normalizer:
           shift=jnp.float32(0.0), element_energies=jnp.asarray(refs),
           graph_scale=jnp.float32(std),
           graph_shift=jnp.float32(fit["constant"] + fit["residual_mean"]),
-          reference_tag=2)
+          stress_scale=stress_scale, reference_tag=2)
     for z, value in energy["element_references"].items():
       refs[int(z)] = value
     mean_atoms = max(stats["mean_atoms"], 1.0)
     scale = stats.get("force_rms") if target == "energy" else None
     if not scale:
       scale = energy["residual_std"] / np.sqrt(mean_atoms)
-    scale = float(scale) if scale and np.isfinite(scale) and scale > 0 else 1.0
-    graph_scale = energy["residual_std"]
-    if not (np.isfinite(graph_scale) and graph_scale > 0):
-      graph_scale = 1.0
-    return cls(scale=jnp.float32(scale),
+    return cls(scale=jnp.float32(_positive(scale)),
                shift=jnp.float32(energy["residual_mean"] / mean_atoms),
                element_energies=jnp.asarray(refs),
-               graph_scale=jnp.float32(graph_scale))
+               graph_scale=jnp.float32(_positive(energy["residual_std"])),
+               graph_shift=jnp.float32(0.0), stress_scale=stress_scale)
+
+  @classmethod
+  def stack(cls, normalizers: Sequence["Normalizer"]) -> "Normalizer":
+    """One normaliser of several sources, each structure using its own
+    source's entries.
+
+    Raises:
+      ValueError: the sources apply their references to different atoms
+        (`reference_tag`).
+    """
+    tags = {n.reference_tag for n in normalizers}
+    if len(tags) > 1:
+      raise ValueError(
+          "sources differ in which atoms carry reference energies (OC20 "
+          "adsorbate-only references on some, all atoms on others); a "
+          "structure-level model needs the same kind on every source")
+    stacked = jax.tree_util.tree_map(
+        lambda *xs: jnp.stack([jnp.asarray(x, jnp.float32) for x in xs]),
+        *normalizers)
+    return stacked.replace(reference_tag=tags.pop())
+
+  @property
+  def num_sources(self) -> int | None:
+    """Sources of a stacked normaliser; None for a single one."""
+    return (None if jnp.ndim(self.scale) == 0
+            else int(jnp.shape(self.scale)[0]))
+
+  def source(self, index: int) -> "Normalizer":
+    """The normaliser of one source of a stacked one (itself when single)."""
+    if self.num_sources is None:
+      return self
+    return jax.tree_util.tree_map(lambda x: x[index], self)
+
+  def per_graph(self, field: str, graph) -> jax.Array:
+    """`field` for each structure of a batch: a scalar (one source) or
+    [n_graph]."""
+    value = getattr(self, field)
+    if jnp.ndim(value) == 0:
+      return value
+    return value[graph_sources(graph)]
+
+  def per_node(self, field: str, graph) -> jax.Array:
+    """`field` for each atom of a batch: a scalar or [n_node]."""
+    value = self.per_graph(field, graph)
+    return value if jnp.ndim(value) == 0 else value[graph.nodes["graph"]]
 
   def to_dict(self) -> dict:
-    return {"scale": float(self.scale), "shift": float(self.shift),
-            "element_energies": np.asarray(self.element_energies).tolist(),
-            "graph_scale": float(self.graph_scale),
-            "graph_shift": float(self.graph_shift),
-            "reference_tag": int(self.reference_tag)}
+    """The JSON form (lists per source for a stacked normaliser)."""
+    out = {k: np.asarray(getattr(self, k)).tolist() for k in (
+        "scale", "shift", "element_energies", "graph_scale", "graph_shift",
+        "stress_scale")}
+    out["reference_tag"] = int(self.reference_tag)
+    return out
 
   @classmethod
   def from_dict(cls, d: dict) -> "Normalizer":
-    return cls(scale=jnp.float32(d["scale"]), shift=jnp.float32(d["shift"]),
-               element_energies=jnp.asarray(d["element_energies"],
-                                            jnp.float32),
-               graph_scale=jnp.float32(d.get("graph_scale", 1.0)),
-               graph_shift=jnp.float32(d.get("graph_shift", 0.0)),
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    return cls(scale=f32(d["scale"]), shift=f32(d["shift"]),
+               element_energies=f32(d["element_energies"]),
+               graph_scale=f32(d.get("graph_scale", 1.0)),
+               graph_shift=f32(d.get("graph_shift", 0.0)),
+               stress_scale=f32(d.get("stress_scale", 1.0)),
                reference_tag=int(d.get("reference_tag", -1)))
+
+
+def _positive(value) -> float:
+  """`value` when it is a positive finite number, else 1."""
+  return (float(value) if value is not None and np.isfinite(value)
+          and value > 0 else 1.0)
+
+
+def graph_sources(graph) -> jax.Array:
+  """int32 [n_graph]: each structure's data source (0 without sources)."""
+  source = graph.globals.get("source")
+  if source is None:
+    return jnp.zeros(graph.globals["mask"].shape, jnp.int32)
+  return source
+
+
+def _select_head(out: jax.Array, sources: jax.Array) -> jax.Array:
+  """Model outputs [n] (one head) or [n, heads] -> [n], each row's head
+  chosen by its source [n]."""
+  if out.ndim == 1:
+    return out
+  return jnp.take_along_axis(out, sources[:, None], axis=1)[:, 0]
 
 
 def _references(normalizer: Normalizer, graph) -> jax.Array:
   """Per-atom reference energies [n_node] (adsorbate atoms only when the
   normaliser's references are adsorbate-only)."""
-  refs = normalizer.element_energies[graph.nodes["atomic_numbers"]]
+  z = graph.nodes["atomic_numbers"]
+  if normalizer.num_sources is None:
+    refs = normalizer.element_energies[z]
+  else:
+    node_sources = graph_sources(graph)[graph.nodes["graph"]]
+    refs = normalizer.element_energies[node_sources, z]
   if normalizer.reference_tag >= 0:
     refs = jnp.where(graph.nodes["tags"] == normalizer.reference_tag,
                      refs, 0.0)
@@ -139,8 +219,10 @@ def make_atom_energies_fn(model, normalizer: Normalizer) -> Callable:
 
   def atom_energies(params, graph: jraph.GraphsTuple, positions=None):
     out = model.apply(params, graph, positions).astype(jnp.float32)
-    per_atom = (normalizer.shift + _references(normalizer, graph)
-                + normalizer.scale * out)
+    out = _select_head(out, graph_sources(graph)[graph.nodes["graph"]])
+    per_atom = (normalizer.per_node("shift", graph)
+                + _references(normalizer, graph)
+                + normalizer.per_node("scale", graph) * out)
     return jnp.where(graph.nodes["mask"], per_atom, 0.0)
 
   return atom_energies
@@ -158,11 +240,15 @@ def make_energy_fn(model, normalizer: Normalizer) -> Callable:
 
   def energy_fn(params, graph: jraph.GraphsTuple, positions=None):
     out = model.apply(params, graph, positions).astype(jnp.float32)
+    sources = graph_sources(graph)
+    out = _select_head(out, sources if per_graph
+                       else sources[graph.nodes["graph"]])
     mask = graph.nodes["mask"]
     # Sums stay in float32 whatever precision the model computes in.
-    per_atom = normalizer.shift + _references(normalizer, graph)
+    per_atom = normalizer.per_node("shift", graph) + _references(
+        normalizer, graph)
     if not per_graph:
-      per_atom = per_atom + normalizer.scale * out
+      per_atom = per_atom + normalizer.per_node("scale", graph) * out
     per_atom = jnp.where(mask, per_atom, 0.0)
     n_graph = graph.globals["mask"].shape[0]
     energies = jax.ops.segment_sum(per_atom, graph.nodes["graph"],
@@ -171,7 +257,8 @@ def make_energy_fn(model, normalizer: Normalizer) -> Callable:
     if per_graph:  # Structure-level models (e.g. a Set2Set readout).
       energies = energies + jnp.where(
           graph.globals["mask"],
-          normalizer.graph_shift + normalizer.graph_scale * out, 0.0)
+          normalizer.per_graph("graph_shift", graph)
+          + normalizer.per_graph("graph_scale", graph) * out, 0.0)
     return energies
 
   return energy_fn
@@ -197,3 +284,48 @@ def make_energy_and_forces_fn(model, normalizer: Normalizer) -> Callable:
     return energies, forces
 
   return energy_and_forces
+
+
+def cell_volumes(graph) -> jax.Array:
+  """float32 [n_graph]: |det(cell)| of each structure (0 without a cell)."""
+  return jnp.abs(jnp.linalg.det(graph.globals["cell"].astype(jnp.float32)))
+
+
+def make_energy_forces_stress_fn(model, normalizer: Normalizer) -> Callable:
+  """Returns `fn(params, graph) -> (energies [n_graph], forces [n_node, 3],
+  stress [n_graph, 3, 3])`.
+
+  Stress is the strain derivative of the energy, sigma = (1/V) dE/d(eps)
+  at eps = 0 (eV/Å^3, ASE's sign convention: positive under tension). A
+  symmetric strain per structure deforms positions and cell alike,
+  r -> r (1 + eps) and cell -> cell (1 + eps) (rows are lattice vectors),
+  so edges to periodic images, built from the stored integer cell shifts,
+  deform with them. Forces and stress come from one `jax.grad` call.
+  Structures without a cell (volume 0) and padding get zero stress.
+  """
+  energy_fn = make_energy_fn(model, normalizer)
+
+  def energy_forces_stress(params, graph):
+    positions = graph.nodes["positions"].astype(jnp.float32)
+    cell = graph.globals["cell"].astype(jnp.float32)
+    strain = jnp.zeros_like(cell)
+
+    def total(pos, strain):
+      sym = 0.5 * (strain + jnp.swapaxes(strain, 1, 2))
+      deformed = graph._replace(globals=dict(
+          graph.globals, cell=cell + cell @ sym))
+      pos = pos + jnp.einsum("ni,nij->nj", pos, sym[graph.nodes["graph"]])
+      energies = energy_fn(params, deformed, pos)
+      return jnp.sum(jnp.where(graph.globals["mask"], energies, 0.0)), energies
+
+    (d_pos, d_strain), energies = jax.grad(total, argnums=(0, 1),
+                                           has_aux=True)(positions, strain)
+    forces = -d_pos * graph.nodes["mask"][:, None]
+    volume = cell_volumes(graph)
+    real = graph.globals["mask"] & (volume > 0)
+    stress = jnp.where(real[:, None, None],
+                       d_strain / jnp.where(real, volume, 1.0)[:, None, None],
+                       0.0)
+    return energies, forces, stress
+
+  return energy_forces_stress

@@ -1,17 +1,22 @@
-"""Training inputs from a config: the dataset, its splits and their batches.
+"""Training inputs from a config: the datasets, their splits and batches.
 
-This is where a training batch is made: `open_dataset` finds the converted
-dataset (building the EMT dev set on first use), `graph_spec` picks the
-representation the model reads and checks it against the model config,
-`budget` sizes the padding of a split, and `batches` gives a split's padded
-batches through the seeded, resumable grain pipeline
-(`matsci_jax.data.pipeline`), one per local device and micro-batch, with
-non-finite targets rejected.
+This is where a training batch is made: `open_sources` finds the converted
+datasets (`config.data.path`, or several named `config.data.sources`),
+building the EMT dev sets on first use; `sources_graph_spec` picks the
+representation the model reads and checks it against the model config and
+across sources; `training_split` joins the sources' training splits, each
+structure tagged with its source, and draws them by their weights
+(`pipeline.MixtureSampler`); `budget` sizes the padding of a split, and
+`batches` gives a split's padded batches through the seeded, resumable
+grain pipeline (`matsci_jax.data.pipeline`), one per local device and
+micro-batch, with non-finite targets rejected.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import os
 
 import jax
@@ -23,34 +28,135 @@ from matsci_jax.data import batching, dataset_io, devset, pipeline
 from matsci_jax.data.graph_spec import GraphSpec
 from matsci_jax.tasks import Task
 
+# Dataset paths that name a built-in dev set.
+SLAB_DEVSET, BULK_DEVSET = "devset", "devset_bulk"
+DEFAULT_BULK_DEVSET_DIR = "~/.cache/matsci_jax/devset_bulk"
 
-def dataset_folder(config) -> str:
-  """The converted dataset to train on (`config.data.path`); "devset"
-  builds the EMT dev set in `config.data.devset_dir` unless it is there."""
-  if config.data.path != "devset":
-    return os.path.expanduser(config.data.path)
-  root = os.path.expanduser(config.data.devset_dir)
-  num_systems = config.data.devset_num_systems
+
+def dataset_folder(config, path: str | None = None) -> str:
+  """The converted dataset at `path` (default `config.data.path`).
+
+  "devset" builds the EMT slab dev set in `config.data.devset_dir`, and
+  "devset_bulk" the EMT bulk dev set in `config.data.bulk_devset_dir`,
+  unless they are there.
+  """
+  path = config.data.path if path is None else path
+  if path == SLAB_DEVSET:
+    root = os.path.expanduser(config.data.devset_dir)
+    size = config.data.devset_num_systems
+    built, build = devset.is_built, functools.partial(
+        devset.build_devset, num_systems=size)
+    folder = os.path.join(root, config.data.task)
+  elif path == BULK_DEVSET:
+    from matsci_jax.data import bulk_devset
+    root = os.path.expanduser(config.data.get("bulk_devset_dir",
+                                              DEFAULT_BULK_DEVSET_DIR))
+    size = config.data.get("bulk_devset_num_structures",
+                           bulk_devset.DEFAULT_NUM_STRUCTURES)
+    built, build = bulk_devset.is_built, functools.partial(
+        bulk_devset.build_bulk_devset, num_structures=size)
+    folder = os.path.join(root, "s2ef")
+  else:
+    return os.path.expanduser(path)
   # Processes sharing a file system: process 0 builds, the others wait.
-  if jax.process_index() == 0 and not devset.is_built(root, num_systems):
-    logging.info("building the EMT dev set in %s (%d systems)", root,
-                 num_systems)
-    devset.build_devset(root, num_systems=num_systems, overwrite=True,
-                        progress=config.train.progress_bar)
+  if jax.process_index() == 0 and not built(root, size):
+    logging.info("building the EMT %s in %s (%d)", path, root, size)
+    build(root, overwrite=True, progress=config.train.progress_bar)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("matsci_jax devset")
-  return os.path.join(root, config.data.task)
+    multihost_utils.sync_global_devices(f"matsci_jax {path}")
+  return folder
 
 
-def open_dataset(config, task: Task) -> dataset_io.Dataset:
-  """The dataset of `config.data`, checked to hold `task`."""
-  folder = dataset_folder(config)
-  data = dataset_io.Dataset(folder)
-  if data.task != task.name:
-    raise ConfigError(f"{folder} is a {data.task} dataset but "
-                      f"config.data.task is {task.name!r}")
-  return data
+@dataclasses.dataclass
+class Source:
+  """One converted dataset a run trains on.
+
+  Attributes:
+    name: its name in metrics ("val/<name>/force_mae"); "" when the run has
+      one source (`config.data.path`), whose metrics keep plain names.
+    dataset: the opened dataset.
+    weight: its sampling weight (see `pipeline.MixtureSampler`).
+  """
+  name: str
+  dataset: dataset_io.Dataset
+  weight: float = 1.0
+
+  @property
+  def label(self) -> str:
+    """How errors name it."""
+    return (f"source {self.name!r} ({self.dataset.folder})" if self.name
+            else self.dataset.folder)
+
+  def has(self, target: str, split: str) -> bool:
+    """Whether `split` of this source carries `target` ("forces",
+    "stress")."""
+    info = self.dataset.metadata["splits"].get(split) or {}
+    return bool((info.get("targets") or {}).get(target))
+
+  def task(self, task: Task, split: str) -> Task:
+    """`task` as this source's `split` supports it (stress where it has
+    stress; energies only where it has no forces)."""
+    if not self.has(task.energy_target, split):  # Unlabelled: a test split.
+      return task
+    return task.for_data(forces=self.has("forces", split),
+                         stress=self.has("stress", split))
+
+
+def source_settings(data_config) -> list[tuple[str, str, float]]:
+  """(name, path, weight) of each source: `data_config.sources` (in the
+  order of their names, as a ConfigDict keeps them), or the one unnamed
+  source `data_config.path`."""
+  sources = data_config.get("sources")
+  if not sources:
+    return [("", data_config.path, 1.0)]
+  return [(name, s.path, float(s.get("weight", 1.0)))
+          for name, s in sources.items()]
+
+
+def open_sources(config, task: Task) -> list[Source]:
+  """The sources of `config.data`, each checked to hold `task`.
+
+  Raises:
+    DatasetError: a source folder is not a converted dataset (named with
+      its source).
+    ConfigError: a source holds another task.
+  """
+  out = []
+  for name, path, weight in source_settings(config.data):
+    folder = dataset_folder(config, path)
+    try:
+      data = dataset_io.Dataset(folder)
+    except dataset_io.DatasetError as e:
+      if not name:
+        raise
+      raise dataset_io.DatasetError(f"source {name!r}: {e}") from e
+    source = Source(name, data, weight)
+    if data.task != task.name:
+      raise ConfigError(f"{source.label} is a {data.task} dataset but "
+                        f"config.data.task is {task.name!r}")
+    out.append(source)
+  return out
+
+
+def training_task(sources: list[Source], task: Task, config) -> Task:
+  """`task` with the targets the sources' training splits carry: forces
+  where any has them, stress where any has it.
+
+  Raises:
+    ConfigError: `config.loss.stress_weight` is set but no source has
+      stress.
+  """
+  split = config.data.train_split
+  with_forces = any(s.has("forces", split) for s in sources)
+  with_stress = any(s.has("stress", split) for s in sources)
+  if config.loss.get("stress_weight", 0.0) > 0 and not with_stress:
+    raise ConfigError(
+        f"config.loss.stress_weight is {config.loss.stress_weight} but no "
+        f"training data has stress ({', '.join(s.label for s in sources)}); "
+        "set it to 0 or convert data with stress")
+  return task.for_data(forces=with_forces or not task.forces,
+                       stress=with_stress)
 
 
 def graph_spec(data: dataset_io.Dataset, model, model_config) -> GraphSpec:
@@ -79,6 +185,142 @@ def graph_spec(data: dataset_io.Dataset, model, model_config) -> GraphSpec:
   return spec
 
 
+def sources_graph_spec(sources: list[Source], model,
+                       model_config) -> GraphSpec:
+  """The graph settings all sources share, in the representation `model`
+  reads (see `graph_spec`).
+
+  Raises:
+    ConfigError: two sources were built with different settings (a batch
+      mixes them, so they must agree), both named.
+  """
+  first = sources[0]
+  spec = graph_spec(first.dataset, model, model_config)
+  for other in sources[1:]:
+    theirs = graph_spec(other.dataset, model, model_config)
+    if theirs != spec:
+      raise ConfigError(
+          f"{first.label} and {other.label} have different graph settings "
+          f"({spec.to_dict()} and {theirs.to_dict()}); convert them with "
+          "the same --cutoff, --max-neighbors and --representation")
+  return spec
+
+
+class TaggedSource:
+  """A split's examples with the per-structure fields of a run with several
+  sources: `source` (its index), `has_forces` and, when any source has
+  stress, `has_stress`, with zeros standing in for targets it lacks (the
+  loss masks them), so that every batch has the same fields."""
+
+  def __init__(self, source, index: int, has_forces: bool,
+               has_stress: bool | None):
+    self.source = source
+    self.index = np.int32(index)
+    self.has_forces = np.bool_(has_forces)
+    self.has_stress = None if has_stress is None else np.bool_(has_stress)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> dict:
+    ex = dict(self.source[i], source=self.index, has_forces=self.has_forces)
+    if not self.has_forces:
+      ex["forces"] = np.zeros_like(ex["forces"])
+    if self.has_stress is not None:
+      ex["has_stress"] = self.has_stress
+      if not self.has_stress:
+        ex["stress"] = np.zeros((3, 3), np.float32)
+    return ex
+
+
+class MixedSource:
+  """Several data sources read as one: index i runs through source 0's
+  structures, then source 1's, and so on."""
+
+  def __init__(self, sources: list):
+    self.sources = sources
+    self.offsets = np.cumsum([0] + [len(s) for s in sources]).tolist()
+
+  def __len__(self) -> int:
+    return self.offsets[-1]
+
+  def __getitem__(self, i: int) -> dict:
+    s = bisect.bisect_right(self.offsets, i) - 1
+    return self.sources[s][i - self.offsets[s]]
+
+
+def _tagged_split(sources: list[Source], index: int, name: str,
+                  representation: str) -> dataset_io.Split:
+  """Split `name` of source `index`, tagged when there are several."""
+  source = sources[index]
+  split = source.dataset.split(name, representation)
+  if len(sources) == 1:
+    return split
+  any_stress = any(s.has("stress", name) for s in sources)
+  tagged = TaggedSource(split.source, index, source.has("forces", name),
+                        source.has("stress", name) if any_stress else None)
+  return dataclasses.replace(split, source=tagged)
+
+
+def training_split(sources: list[Source], data_config, spec: GraphSpec
+                   ) -> tuple[dataset_io.Split, pipeline.MixtureSampler |
+                              None]:
+  """The training split of all sources, and the sampler that draws it by
+  the sources' weights (None for one source, which is shuffled whole).
+
+  With several sources, the split's structures run source by source
+  (`MixedSource`), its statistics are empty (each source keeps its own,
+  `Source.dataset`), and its targets are those any source has.
+  """
+  name = data_config.train_split
+  splits = [_tagged_split(sources, i, name, spec.representation)
+            for i in range(len(sources))]
+  if len(sources) == 1:
+    return splits[0], None
+  targets = {}
+  for split in splits:
+    for key, present in split.targets.items():
+      targets[key] = targets.get(key, False) or bool(present)
+  mixed = dataset_io.Split(
+      name=name, source=MixedSource([s.source for s in splits]),
+      sizes=np.concatenate([s.sizes for s in splits]), statistics={},
+      targets=targets)
+  sampler = pipeline.MixtureSampler(
+      [len(s) for s in splits], [s.weight for s in sources],
+      data_config.get("sampling_temperature", 1.0), data_config.seed)
+  return mixed, sampler
+
+
+@dataclasses.dataclass
+class EvalSplit:
+  """An evaluation split of one source.
+
+  Attributes:
+    label: the prefix of its metrics ("val", or "val/<source>").
+    source: the `Source` it belongs to.
+    split: the opened split (tagged when the run has several sources).
+    task: the task as the source supports it (for its baselines).
+  """
+  label: str
+  source: Source
+  split: dataset_io.Split
+  task: Task
+
+
+def eval_splits(sources: list[Source], data_config, spec: GraphSpec,
+                task: Task) -> list[EvalSplit]:
+  """Every evaluation split of every source."""
+  out = []
+  for i, source in enumerate(sources):
+    for name in data_config.eval_splits:
+      label = f"{name}/{source.name}" if source.name else name
+      out.append(EvalSplit(label, source,
+                           _tagged_split(sources, i, name,
+                                         spec.representation),
+                           source.task(task, name)))
+  return out
+
+
 def budget(data_config, sizes: np.ndarray,
            spec: GraphSpec) -> batching.Budget:
   """The padding budget of a split with per-structure `sizes`.
@@ -104,6 +346,8 @@ class Batches:
 
   Attributes:
     split: the opened split.
+    label: the prefix of its metrics (the split's name, or
+      "<split>/<source>").
     budget: the padding budget of each batch.
     dataset: grain dataset of batches; `iter(dataset)` yields one
       `jraph.GraphsTuple` of numpy arrays (stacked [per_step, ...] when a
@@ -111,6 +355,7 @@ class Batches:
     plan: the `pipeline.BatchPlan` (batch k's structures).
   """
   split: dataset_io.Split
+  label: str
   budget: batching.Budget
   dataset: object
   plan: pipeline.BatchPlan
@@ -125,19 +370,24 @@ class Batches:
 
 
 def batches(split: dataset_io.Split, data_config, spec: GraphSpec,
-            task: Task, *, train: bool, per_step: int) -> Batches:
+            task: Task, *, train: bool, per_step: int, sampler=None,
+            label: str | None = None) -> Batches:
   """A split's batches for training (shuffled per epoch, endless, loaded by
   `data_config.num_workers` workers) or evaluation (in order, one epoch).
 
   Each process takes its own share (`jax.process_index()`), `per_step`
-  padded batches at a time.
+  padded batches at a time. A `sampler` (several sources) draws each
+  epoch's structures, and the budget follows what it draws.
   """
-  split_budget = budget(data_config, split.sizes, spec)
+  sizes = split.sizes if sampler is None else split.sizes[sampler(0)]
+  split_budget = budget(data_config, sizes, spec)
+  label = label or split.name
   ds, plan = pipeline.batch_dataset(
       split, split_budget, shuffle=train, seed=data_config.seed,
       num_epochs=None if train else 1,
       worker_count=data_config.num_workers if train else 0,
       prefetch=data_config.prefetch, per_step=per_step,
-      shard_index=jax.process_index(), shard_count=jax.process_count())
-  return Batches(split, split_budget, ds.map(task.target_check(split.name)),
-                 plan)
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      sampler=sampler)
+  return Batches(split, label, split_budget,
+                 ds.map(task.target_check(label)), plan)

@@ -1,4 +1,5 @@
-"""S2EF losses on padded batches (real graphs and atoms only).
+"""S2EF losses on padded batches (real graphs and atoms only): energy,
+forces and stress.
 
 Errors are divided by the normaliser's scale, so loss weights do not depend
 on the units or spread of a dataset.
@@ -18,19 +19,33 @@ def _masked_mean(values, mask, count=None):
 
 
 def loss_counts(graph) -> dict:
-  """What the loss terms average over: real graphs, atoms and free atoms."""
-  nodes = graph.nodes["mask"]
-  return {"graphs": jnp.sum(graph.globals["mask"], dtype=jnp.float32),
-          "atoms": jnp.sum(nodes, dtype=jnp.float32),
-          "free_atoms": jnp.sum(nodes & ~graph.nodes["fixed"],
-                                dtype=jnp.float32)}
+  """What the loss terms average over: real graphs, atoms and free atoms
+  with forces, and structures with stress."""
+  f32 = jnp.float32
+  return {"graphs": jnp.sum(graph.globals["mask"], dtype=f32),
+          "atoms": jnp.sum(force_mask(graph, False), dtype=f32),
+          "free_atoms": jnp.sum(force_mask(graph, True), dtype=f32),
+          "stress_graphs": jnp.sum(stress_mask(graph), dtype=f32)}
 
 
 def force_mask(graph, free_atoms_only: bool):
-  """Atoms whose forces count: real atoms, optionally only free ones."""
+  """Atoms whose forces count: real atoms of structures with forces
+  (`globals["has_forces"]` when a batch mixes sources), optionally only
+  free ones."""
   mask = graph.nodes["mask"]
+  if "has_forces" in graph.globals:
+    mask = mask & graph.globals["has_forces"][graph.nodes["graph"]]
   if free_atoms_only:
     mask = mask & ~graph.nodes["fixed"]
+  return mask
+
+
+def stress_mask(graph):
+  """Structures whose stress counts: real ones, and of those only the ones
+  with stress when a batch mixes sources (`globals["has_stress"]`)."""
+  mask = graph.globals["mask"]
+  if "has_stress" in graph.globals:
+    mask = mask & graph.globals["has_stress"]
   return mask
 
 
@@ -58,6 +73,9 @@ def force_loss(pred, graph, scale, kind: str = "l2mae",
   kinds: "l2mae" (mean per-atom L2 norm of the error, OC20's choice), "mae"
   (mean absolute component error) and "mse" (mean squared component error).
   """
+  scale = jnp.asarray(scale)
+  if scale.ndim:  # Per atom (several sources).
+    scale = scale[:, None]
   err = (pred - graph.nodes["forces"]) / scale
   mask = force_mask(graph, free_atoms_only)
   if kind == "l2mae":
@@ -73,3 +91,15 @@ def force_loss(pred, graph, scale, kind: str = "l2mae",
     raise ValueError("force loss must be 'l2mae', 'mae' or 'mse', "
                      f"got {kind!r}")
   return _masked_mean(values, mask, count)
+
+
+def stress_loss(pred, graph, scale, count=None):
+  """Stress term: mean absolute component error of (sigma_pred - sigma) /
+  scale over structures with stress (`count`: their number, default this
+  batch's). `scale` is a scalar or per structure [n_graph]."""
+  scale = jnp.asarray(scale)
+  if scale.ndim:
+    scale = scale[:, None, None]
+  err = (pred - graph.globals["stress"]) / scale
+  values = jnp.mean(jnp.abs(err), axis=(-2, -1))
+  return _masked_mean(values, stress_mask(graph), count)

@@ -9,7 +9,12 @@ were packed into batches:
 * force_cos: mean cosine between predicted and true forces per counted atom;
 * efwt: share of structures with |dE| < 0.02 eV and every counted force
   component within 0.03 eV/Å (OC20's "energy and forces within threshold");
-* ewt (IS2RE): share with |dE| < 0.02 eV.
+* ewt (IS2RE): share with |dE| < 0.02 eV;
+* stress_mae: mean |sigma_pred - sigma| over stress components of
+  structures with stress (eV/Å^3).
+
+A metric whose count is zero (forces or stress of a data source that has
+none) is left out.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ FORCE_THRESHOLD = 0.03
 
 
 def batch_sums(graph, energy_pred, energy_true, forces_pred=None,
-               force_mask=None) -> dict:
+               force_mask=None, stress_pred=None, stress_mask=None) -> dict:
   """Sums and counts of one batch (arrays; jit-friendly)."""
   gmask = graph.globals["mask"]
   e_err = jnp.abs(energy_pred - energy_true)
@@ -54,6 +59,11 @@ def batch_sums(graph, energy_pred, energy_true, forces_pred=None,
         efwt_ok=jnp.sum(gmask & (e_err < ENERGY_THRESHOLD)
                         & (worst < FORCE_THRESHOLD)),
     )
+  if stress_pred is not None:
+    diff = jnp.abs(stress_pred - graph.globals["stress"])
+    out.update(stress_abs=jnp.sum(jnp.where(stress_mask[:, None, None], diff,
+                                            0.0)),
+               stress_components=9 * jnp.sum(stress_mask))
   return out
 
 
@@ -71,11 +81,14 @@ def finalize(total: dict) -> dict:
   out = {"energy_mae": float(total["energy_abs"]) / graphs,
          "ewt": float(total["energy_ok"]) / graphs,
          "num_structures": int(total["graphs"])}
-  if "force_abs" in total:
+  if "force_abs" in total and total["force_components"] > 0:
     out.update(
         force_mae=float(total["force_abs"]) / max(float(
             total["force_components"]), 1.0),
         force_cos=float(total["force_cos"]) / max(float(total["force_atoms"]),
                                                   1.0),
         efwt=float(total["efwt_ok"]) / graphs)
+  if total.get("stress_components", 0) > 0:
+    out["stress_mae"] = (float(total["stress_abs"])
+                         / float(total["stress_components"]))
   return out

@@ -76,6 +76,10 @@ _SKIP_BAD = flags.DEFINE_bool(
     "skip_bad", False, "Skip bad entries and list them in "
     "<output stem>.skipped.jsonl instead of stopping at the first.")
 flags.DEFINE_alias("skip-bad", "skip_bad")  # The converter's spelling.
+_SOURCE = flags.DEFINE_string(
+    "source", None, "For a model trained on several data sources: the "
+    "source whose energies (reference energies, head) to predict; required "
+    "there.")
 
 # Parquet rows buffered per row group: bounded memory, and a footer (which
 # the writer holds until it closes) that grows with row groups, not rows.
@@ -637,6 +641,16 @@ def main(argv):
   trained = checkpoints.load(_CHECKPOINT.value,
                              checkpoint=int(which) if which.isdigit()
                              else which)
+  if trained.sources or _SOURCE.value:
+    if not _SOURCE.value:
+      raise app.UsageError(
+          f"the model in {trained.workdir} was trained on several data "
+          f"sources ({', '.join(trained.sources)}), whose energies have "
+          "different zeros: pass --source to choose one")
+    try:
+      trained = trained.for_source(_SOURCE.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
   relaxation = (dict(fmax=_FMAX.value, steps=_STEPS.value) if _RELAX.value
                 else None)
   output = os.path.abspath(_OUTPUT.value)

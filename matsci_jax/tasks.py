@@ -9,6 +9,9 @@ to this object; the training job only calls it.
   forces, as `-jax.grad` of the energy, inside the training step.
 * IS2RE (initial structure to relaxed energy): one energy per structure,
   a direct regression without forces.
+
+Stress, the strain derivative of the energy, joins S2EF's targets when the
+data has it (`Task.for_data`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from matsci_jax.energy import Normalizer
 # Reported for every task, from `train_step.make_eval_step`'s sums.
 _ENERGY_METRICS = ("energy_mae", "ewt", "loss")
 _FORCE_METRICS = ("force_mae", "force_cos", "efwt")
+_STRESS_METRICS = ("stress_mae",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,20 +41,34 @@ class Task:
     energy_target: the per-structure energy field ("energy" or
       "energy_relaxed").
     forces: whether forces are a target (and the model gives them).
+    stress: whether stress is a target (then forces are too).
   """
   name: str
   energy_target: str
   forces: bool
+  stress: bool = False
 
   @property
   def targets(self) -> tuple[str, ...]:
     """Fields every labelled structure carries."""
-    return (self.energy_target,) + (("forces",) if self.forces else ())
+    return ((self.energy_target,) + (("forces",) if self.forces else ())
+            + (("stress",) if self.stress else ()))
 
   @property
   def metrics(self) -> tuple[str, ...]:
     """Names of the metrics an evaluation split reports."""
-    return _ENERGY_METRICS + (_FORCE_METRICS if self.forces else ())
+    return (_ENERGY_METRICS + (_FORCE_METRICS if self.forces else ())
+            + (_STRESS_METRICS if self.stress else ()))
+
+  def for_data(self, *, forces: bool | None = None,
+               stress: bool = False) -> "Task":
+    """This task on data with (or without) forces and stress: stress is a
+    target of a force task whose data has it; a source without forces
+    (energies only) trains on its energies."""
+    forces = self.forces if forces is None else forces and self.forces
+    task = dataclasses.replace(self, forces=forces,
+                               stress=bool(stress and forces))
+    return self if task == self else task
 
   def check_split(self, split: Split, folder: str) -> None:
     """Raises DatasetError when `split` lacks a target (a test split)."""
@@ -89,7 +107,8 @@ class Task:
   def make_loss(self, model, normalizer: Normalizer, loss_config) -> Callable:
     """`loss_fn(params, batch, counts=None) -> (loss, aux)`."""
     if self.forces:
-      return train_step.make_s2ef_loss(model, normalizer, loss_config)
+      return train_step.make_s2ef_loss(model, normalizer, loss_config,
+                                       stress=self.stress)
     return train_step.make_energy_loss(model, normalizer, loss_config,
                                        target=self.energy_target)
 
@@ -104,12 +123,13 @@ class Task:
     """Errors of trivial predictors on a split, for comparison.
 
     "mean_energy_mae": predict the training mean energy; with forces,
-    "zero_force_mae": predict zero forces (on the atoms the loss counts).
+    "zero_force_mae": predict zero forces (on the atoms the loss counts);
+    with stress, "zero_stress_mae".
     """
     key = self.energy_target
     mean = (train_statistics[key]["mean"] if train_statistics.get(key)
             else 0.0)
-    e_err, f_abs, f_n = [], 0.0, 0
+    e_err, f_abs, f_n, s_abs = [], 0.0, 0, 0.0
     for i in range(len(split)):
       ex = split.source[i]
       e_err.append(abs(float(ex[key]) - mean))
@@ -118,9 +138,13 @@ class Task:
              else np.ones(len(ex["fixed"]), bool))
         f_abs += float(np.abs(ex["forces"][m]).sum())
         f_n += 3 * int(m.sum())
+      if self.stress:
+        s_abs += float(np.abs(ex["stress"]).mean())
     out = {"mean_energy_mae": float(np.mean(e_err))}
     if self.forces:
       out["zero_force_mae"] = f_abs / max(f_n, 1)
+    if self.stress:
+      out["zero_stress_mae"] = s_abs / max(len(split), 1)
     return out
 
 
@@ -140,10 +164,14 @@ class TargetCheck:
       return batch
     for key in self.targets:
       if key in g:
-        bad = g["mask"] & ~np.isfinite(g[key])
+        labelled = g["mask"] & g.get(f"has_{key}", True)
+        bad = labelled & ~np.isfinite(g[key]).reshape(len(labelled), -1).all(
+            axis=-1)
       else:
         per_atom = (~np.isfinite(batch.nodes[key]).all(axis=-1)
                     & batch.nodes["mask"])
+        if f"has_{key}" in g:  # Sources without forces store none.
+          per_atom &= g[f"has_{key}"][batch.nodes["graph"]]
         bad = np.zeros_like(g["mask"])
         bad[np.unique(batch.nodes["graph"][per_atom])] = True
       if bad.any():

@@ -24,9 +24,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from matsci_jax import (checkpoints, inputs, metrics, models, monitoring,
-                        parallel, strategies, tasks, train_state)
+from matsci_jax import (checkpoints, energy, inputs, metrics, models,
+                        monitoring, parallel, strategies, tasks, train_state)
 from matsci_jax.config_checks import ConfigError, check_config  # noqa: F401
+from matsci_jax.data import dataset_io
 from matsci_jax.models import precision
 from matsci_jax.monitoring import NonFiniteLossError  # noqa: F401
 
@@ -110,6 +111,37 @@ def _train_loop(train_config, state, train_iter, train_step,
   return state, eval_results, warm_compiles
 
 
+def _normalizer(sources: list[inputs.Source],
+                evals: list[inputs.EvalSplit], task: tasks.Task, model,
+                train_split: str):
+  """The normaliser (one per source, stacked when there are several) and
+  each source's training statistics, after checking that every split holds
+  what its source's task needs."""
+  normalizers, statistics = [], []
+  for source in sources:
+    info = source.dataset.metadata["splits"].get(train_split)
+    if info is None:  # Opening it names the splits there are.
+      source.dataset.split(train_split)
+    stats = info["statistics"]
+    own = source.task(task, train_split)
+    own.check_split(dataset_io.Split(train_split, None, None, stats,
+                                     info.get("targets") or {}),
+                    source.label)
+    normalizer = task.normalizer(stats, model)
+    mine = [e.split for e in evals if e.source is source]
+    for split in mine:
+      source.task(task, split.name).check_split(split, source.label)
+    task.check_references(normalizer, mine, source.label)
+    normalizers.append(normalizer)
+    statistics.append(stats)
+  if len(normalizers) == 1:
+    return normalizers[0], statistics
+  try:
+    return energy.Normalizer.stack(normalizers), statistics
+  except ValueError as e:
+    raise ConfigError(f"{', '.join(s.label for s in sources)}: {e}") from e
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains and evaluates a model; returns the final metrics.
@@ -131,25 +163,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   run = checkpoints.RunFolder(workdir).create()
   task = tasks.get(config.data.task)
 
-  # Data and model: the model's representation of the dataset, one padded
-  # shape per split, a normaliser from the training statistics.
-  data = inputs.open_dataset(config, task)
-  model = precision.apply(models.from_config(config.model),
+  # Data and model: the sources' datasets, the model's representation of
+  # them, one padded shape per split, a normaliser per source from its
+  # training statistics.
+  sources = inputs.open_sources(config, task)
+  task = inputs.training_task(sources, task, config)
+  model = precision.apply(models.from_config(config.model, len(sources)),
                           config.get("precision", "float32"))
-  spec = inputs.graph_spec(data, model, config.model)
-  train_split = data.split(config.data.train_split, spec.representation)
-  eval_splits = [data.split(s, spec.representation)
-                 for s in config.data.eval_splits]
-  for split in [train_split] + eval_splits:
-    task.check_split(split, data.folder)
-  normalizer = task.normalizer(train_split.statistics, model)
-  task.check_references(normalizer, eval_splits, data.folder)
+  spec = inputs.sources_graph_spec(sources, model, config.model)
+  train_split, sampler = inputs.training_split(sources, config.data, spec)
+  evals = inputs.eval_splits(sources, config.data, spec, task)
+  normalizer, train_statistics = _normalizer(sources, evals, task, model,
+                                             config.data.train_split)
   strategy = strategies.from_config(config)
   train_data = inputs.batches(train_split, config.data, spec, task,
-                              train=True, per_step=strategy.batches_per_step)
-  eval_data = [inputs.batches(s, config.data, spec, task, train=False,
-                              per_step=strategy.eval_batches_per_step)
-               for s in eval_splits]
+                              train=True, per_step=strategy.batches_per_step,
+                              sampler=sampler)
+  eval_data = [inputs.batches(e.split, config.data, spec, task, train=False,
+                              per_step=strategy.eval_batches_per_step,
+                              label=e.label) for e in evals]
   efficiency = train_data.plan.efficiency(0)
 
   # State and steps, built once.
@@ -169,8 +201,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       task.make_eval_step(loss_fn, config.loss.free_atoms_only))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
       strategy.host_state(state).params))
-  run.write_model(config.model, task, normalizer, spec, data.folder,
-                  num_params, train_split.statistics.get("element_counts"))
+  elements = set()
+  for stats in train_statistics:
+    elements.update(int(z) for z in stats.get("element_counts") or {})
+  run.write_model(config.model, task, normalizer, spec,
+                  sources[0].dataset.folder, num_params, elements,
+                  sources=[(s.name, s.dataset.folder) for s in sources
+                           if s.name])
   run.write_config(config)
 
   # Checkpoints (resuming from the latest, if any) and logs.
@@ -188,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       compiles_at_start)
 
   def run_evaluation(step, params):
-    results = {f"{d.split.name}/{k}": v for d in eval_data for k, v in
+    results = {f"{d.label}/{k}": v for d in eval_data for k, v in
                evaluate(eval_step, params, d, strategy).items()}
     writer.write(step, results)
     return results
@@ -211,9 +248,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "num_params": num_params,
       "devices": strategy.describe(),
       "metrics": eval_results,
-      "baselines": {d.split.name: task.baselines(
-          d.split, train_split.statistics, config.loss.free_atoms_only)
-                    for d in eval_data},
+      "baselines": {e.label: e.task.baselines(
+          e.split, train_statistics[sources.index(e.source)],
+          config.loss.free_atoms_only) for e in evals},
       "train_budget": dataclasses.asdict(train_data.budget),
       "padding_efficiency": efficiency,
       "compiles_total": compiles - compiles_at_start,

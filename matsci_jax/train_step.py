@@ -18,35 +18,51 @@ import optax
 
 from matsci_jax import losses, metrics
 from matsci_jax.energy import (Normalizer, make_energy_and_forces_fn,
-                               make_energy_fn)
+                               make_energy_fn, make_energy_forces_stress_fn)
 from matsci_jax.train_state import TrainState
 
 
-def make_s2ef_loss(model, normalizer: Normalizer, loss_config) -> Callable:
+def make_s2ef_loss(model, normalizer: Normalizer, loss_config,
+                   stress: bool = False) -> Callable:
   """Returns `loss_fn(params, batch, counts=None) -> (loss, aux)`.
 
-  Energy and forces. `counts` (see `losses.loss_counts`) are what the terms
-  average over; by default this batch's, and over a whole step (several
-  micro-batches or devices) their sums, so that the terms add up.
-  `loss_config` fields: energy_weight, force_weight, energy_loss ("mae" or
+  Energy and forces, and with `stress` the stress (batches then carry
+  `globals["stress"]`), from one gradient. `counts` (see
+  `losses.loss_counts`) are what the terms average over; by default this
+  batch's, and over a whole step (several micro-batches or devices) their
+  sums, so that the terms add up. `loss_config` fields: energy_weight,
+  force_weight, stress_weight (optional, default 0), energy_loss ("mae" or
   "mse"), energy_per_atom, force_loss ("l2mae", "mae", "mse"),
   free_atoms_only.
   """
-  energy_and_forces = make_energy_and_forces_fn(model, normalizer)
+  if stress:
+    derivatives = make_energy_forces_stress_fn(model, normalizer)
+  else:
+    derivatives = make_energy_and_forces_fn(model, normalizer)
   c = loss_config
+  stress_weight = c.get("stress_weight", 0.0)
 
   def loss_fn(params, batch, counts=None):
-    energies, forces = energy_and_forces(params, batch)
+    energies, forces, *rest = derivatives(params, batch)
     counts = counts or {}
-    e_term = losses.energy_loss(energies, batch, normalizer.scale,
+    e_term = losses.energy_loss(energies, batch,
+                                normalizer.per_graph("scale", batch),
                                 c.energy_loss, c.energy_per_atom,
                                 counts.get("graphs"))
     f_term = losses.force_loss(
-        forces, batch, normalizer.scale, c.force_loss, c.free_atoms_only,
+        forces, batch, normalizer.per_node("scale", batch), c.force_loss,
+        c.free_atoms_only,
         counts.get("free_atoms" if c.free_atoms_only else "atoms"))
     loss = c.energy_weight * e_term + c.force_weight * f_term
-    return loss, {"energy_loss": e_term, "force_loss": f_term,
-                  "energy": energies, "forces": forces}
+    aux = {"energy_loss": e_term, "force_loss": f_term, "energy": energies,
+           "forces": forces}
+    if stress:
+      s_term = losses.stress_loss(
+          rest[0], batch, normalizer.per_graph("stress_scale", batch),
+          counts.get("stress_graphs"))
+      loss = loss + stress_weight * s_term
+      aux.update(stress_loss=s_term, stress=rest[0])
+    return loss, aux
 
   return loss_fn
 
@@ -62,7 +78,8 @@ def make_energy_loss(model, normalizer: Normalizer, loss_config,
     energies = energy_fn(params, batch)
     labelled = batch._replace(globals=dict(batch.globals,
                                            energy=batch.globals[target]))
-    e_term = losses.energy_loss(energies, labelled, normalizer.scale,
+    e_term = losses.energy_loss(energies, labelled,
+                                normalizer.per_graph("scale", batch),
                                 c.energy_loss, c.energy_per_atom,
                                 (counts or {}).get("graphs"))
     return c.energy_weight * e_term, {"energy_loss": e_term,
@@ -85,10 +102,11 @@ def accumulate_gradients(loss_fn: Callable, params, batch, steps: int = 1,
     sum_counts: adds counts over devices (a `psum`) when run per device.
 
   Returns:
-    (loss, terms, grads); terms are the loss's "energy_loss" and
-    "force_loss". Every term is normalised by the counts of the whole step,
-    so the sums over micro-batches (and devices) equal the loss of one
-    batch holding all of them.
+    (loss, terms, grads); terms are the loss's "energy_loss",
+    "force_loss" and "stress_loss" (those it has). Every term is
+    normalised by the counts of the whole step, so the sums over
+    micro-batches (and devices) equal the loss of one batch holding all of
+    them.
   """
   if steps == 1:
     counts = sum_counts(losses.loss_counts(batch))
@@ -117,7 +135,8 @@ def accumulate_gradients(loss_fn: Callable, params, batch, steps: int = 1,
 
 
 def _terms(aux: dict) -> dict:
-  return {k: aux[k] for k in ("energy_loss", "force_loss") if k in aux}
+  return {k: aux[k] for k in ("energy_loss", "force_loss", "stress_loss")
+          if k in aux}
 
 
 def apply_gradients(state: TrainState, grads, loss, terms: dict,
@@ -171,9 +190,13 @@ def make_eval_step(loss_fn: Callable, free_atoms_only: bool = True,
   def eval_step(params, batch):
     loss, aux = loss_fn(params, batch)
     if "forces" in aux:
+      stress = ({"stress_pred": aux["stress"],
+                 "stress_mask": losses.stress_mask(batch)}
+                if "stress" in aux else {})
       sums = metrics.batch_sums(batch, aux["energy"], batch.globals[target],
                                 aux["forces"],
-                                losses.force_mask(batch, free_atoms_only))
+                                losses.force_mask(batch, free_atoms_only),
+                                **stress)
     else:
       sums = metrics.batch_sums(batch, aux["energy"], batch.globals[target])
     graphs = jnp.sum(batch.globals["mask"])

@@ -70,3 +70,39 @@ def trained_s2ef(small_devset, tmp_path_factory) -> pathlib.Path:
   workdir = tmp_path_factory.mktemp("trained_s2ef")
   train.train_and_evaluate(config, str(workdir))
   return workdir
+
+
+@pytest.fixture(scope="session")
+def lips_dataset(shared_data, tmp_path_factory) -> pathlib.Path:
+  """matsciml's LiPS dev set (DFT AIMD, 200 frames of Li27P12S44) converted
+  with the dev set's graph settings (6 Å, 50 neighbours), 160 train / 40
+  val, so that it can share a run with the dev set."""
+  from matsci_jax.data import converter
+  from matsci_jax.data.devset import DEVSET_GRAPH_SPEC
+  out = tmp_path_factory.mktemp("lips") / "lips"
+  converter.convert([str(shared_data / "matsciml_lips_devset")], str(out),
+                    task="s2ef", workers=1, val_fraction=0.2, split_seed=0,
+                    progress=False,
+                    graph_spec=DEVSET_GRAPH_SPEC.select("graph"))
+  return out
+
+
+@pytest.fixture(scope="session")
+def trained_multi(small_devset, lips_dataset, tmp_path_factory
+                  ) -> pathlib.Path:
+  """The workdir of a tiny EGNN with one head per source, trained for 30
+  steps on the small dev set ("slabs") and LiPS ("lips") together."""
+  import ml_collections
+  from configs import test as test_config
+  from matsci_jax import train
+  config = test_config.get_config()
+  config.data.sources = ml_collections.ConfigDict({
+      "slabs": {"path": str(small_devset / "s2ef"), "weight": 1.0},
+      "lips": {"path": str(lips_dataset), "weight": 1.0}})
+  config.model.heads = "per_source"
+  config.train.best_metric = "val/slabs/force_mae + val/lips/force_mae"
+  config.train.num_steps = 30
+  config.train.eval_every = config.train.checkpoint_every = 30
+  workdir = tmp_path_factory.mktemp("trained_multi")
+  train.train_and_evaluate(config, str(workdir))
+  return workdir

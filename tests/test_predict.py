@@ -16,6 +16,7 @@ import pytest
 from matsci_jax import checkpoints, predict
 from matsci_jax.ase import Calculator
 from matsci_jax.data import readers
+from matsci_jax.data.lmdb_reader import LmdbReader
 from tests.conftest import REPO
 
 
@@ -241,3 +242,26 @@ def test_prediction_memory_does_not_grow_with_the_structures(
       tracemalloc.stop()
   assert len(np.load(sub)["ids"]) == 1280
   assert peaks[1280] - peaks[64] < 50 * (1280 - 64), peaks
+
+
+def test_a_model_of_several_sources_predicts_the_chosen_one(
+    trained_multi, shared_data, tmp_path):
+  lips = shared_data / "matsciml_lips_devset"
+  run = _run_predict(f"--checkpoint={trained_multi}", f"--input={lips}",
+                     f"--output={tmp_path / 'none.csv'}")
+  assert run.returncode != 0
+  assert "pass --source to choose one" in run.stderr
+  outputs = {}
+  for source in ("lips", "slabs"):
+    out = tmp_path / f"{source}.csv"
+    run = _run_predict(f"--checkpoint={trained_multi}", f"--input={lips}",
+                       f"--output={out}", f"--source={source}")
+    assert run.returncode == 0, run.stderr
+    outputs[source] = np.array([float(r["energy"]) for r in
+                                csv.DictReader(open(out))])
+  # Each source's energies have their own zero (LiPS: DFT, about -2,000
+  # eV per cell, which only the LiPS references give).
+  reader = LmdbReader(str(lips))
+  truth = np.array([reader[i].energy for i in range(len(reader))])
+  assert (np.abs(outputs["lips"] - truth).mean()
+          < np.abs(outputs["slabs"] - truth).mean())

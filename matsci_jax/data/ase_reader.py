@@ -2,9 +2,15 @@
 
 Targets come from the attached calculator's results (what `ase.io.write`
 stores), or from `info`/`arrays` entries for files written by hand:
-`energy`/`y`, `forces`/`force`, `energy_relaxed`/`y_relaxed` and
+`energy`/`y`, `forces`/`force`, `stress`, `energy_relaxed`/`y_relaxed` and
 `positions_relaxed`/`pos_relaxed`. Fixed atoms come from `FixAtoms`
 constraints (extxyz `move_mask`), tags from `atoms.arrays['tags']`.
+
+Stress is ASE's `atoms.get_stress(voigt=False)` (eV/Å^3): extended XYZ
+`stress=` (9 values, or 6 Voigt components xx yy zz yz xz xy, which ASE
+itself refuses there) and ASE database rows' stress; without one, an
+extended XYZ `virial=` (eV) gives stress = -virial / volume (see
+`structure.stress_target`).
 
 OC20 distributes S2EF data as `<n>.extxyz` files with a `<n>.txt` beside each,
 one line `random<sid>,frame<fid>,<reference energy>` per frame. When such a
@@ -21,7 +27,8 @@ from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
-from matsci_jax.data.structure import DataError, Structure, TAG_UNKNOWN
+from matsci_jax.data.structure import (DataError, Structure, TAG_UNKNOWN,
+                                       full_to_voigt, stress_target)
 
 _XYZ_SUFFIXES = (".xyz", ".extxyz")
 
@@ -120,6 +127,10 @@ def _structure(frame: _Frame, path: str, key, *, sid: int, fid: int,
 
   energy = pick([results, info], ("energy", "free_energy", "y"))
   forces = pick([results, arrays], ("forces", "force"))
+  cell = np.asarray(frame.cell, np.float64)
+  pbc = np.asarray(frame.pbc, bool)
+  stress = stress_target(pick([results, info], ("stress",)),
+                         pick([info], ("virial",)), cell, pbc, path, key)
   energy_relaxed = pick([info], ("energy_relaxed", "y_relaxed"))
   pos_relaxed = pick([arrays], ("positions_relaxed", "pos_relaxed"))
   tags = (np.asarray(arrays["tags"], np.int32) if "tags" in arrays
@@ -128,12 +139,13 @@ def _structure(frame: _Frame, path: str, key, *, sid: int, fid: int,
     return Structure(
         atomic_numbers=np.asarray(frame.numbers, np.int32),
         positions=np.asarray(frame.positions, np.float64),
-        cell=np.asarray(frame.cell, np.float64),
-        pbc=np.asarray(frame.pbc, bool),
+        cell=cell,
+        pbc=pbc,
         tags=tags,
         fixed=frame.fixed,
         energy=None if energy is None else float(energy) - energy_offset,
         forces=None if forces is None else np.asarray(forces, np.float64),
+        stress=stress,
         energy_relaxed=(None if energy_relaxed is None
                         else float(energy_relaxed) - energy_offset),
         positions_relaxed=(None if pos_relaxed is None
@@ -144,6 +156,29 @@ def _structure(frame: _Frame, path: str, key, *, sid: int, fid: int,
     )
   except (TypeError, ValueError) as e:
     raise DataError(path, key, f"cannot interpret frame: {e}") from e
+
+
+# A `stress=` or `virial=` key of an extended XYZ comment line, quoted as
+# ASE quotes values.
+_TENSOR_KEY = re.compile(
+    r'(^|\s)(stress|virial)(\s*=\s*)(["{])([^"{}]*)(["}])')
+
+
+def _expand_voigt(comment: str) -> str:
+  """The comment line with a 6-component (Voigt, xx yy zz yz xz xy)
+  `stress=` or `virial=` written as the 9 values ASE reads there."""
+
+  def nine(match):
+    values = re.findall(r"[^\s,]+", match.group(5))  # As ASE splits.
+    if len(values) != 6:
+      return match.group(0)
+    xx, yy, zz, yz, xz, xy = values
+    full = " ".join((xx, xy, xz, xy, yy, yz, xz, yz, zz))
+    return "".join(match.group(1, 2, 3, 4)) + full + match.group(6)
+
+  if "stress" not in comment and "virial" not in comment:
+    return comment
+  return _TENSOR_KEY.sub(nine, comment)
 
 
 # Extended XYZ columns that `_parse_extxyz_frame` reads, by ASE's name for
@@ -211,6 +246,11 @@ def _parse_extxyz_frame(lines: list[str]) -> Optional[_Frame]:
         value = info.pop(k)
         if k in ("energy", "free_energy"):
           results[k] = value
+        elif k == "stress":  # ASE keeps 3x3 values as Voigt components.
+          if not (isinstance(value, np.ndarray) and value.shape == (3, 3)
+                  and value.dtype.kind in "iuf"):
+            return None
+          results[k] = full_to_voigt(value)
         elif not (isinstance(value, (int, float, np.number)) or (
             isinstance(value, np.ndarray) and value.dtype.kind in "iuf")):
           return None  # Numbers are kept (and not needed here).
@@ -346,7 +386,13 @@ class AseReader:
       text = io.TextIOWrapper(io.BytesIO(data[a - base:b - base])).read()
       frame = None
       if self.format in (None, "extxyz"):
-        frame = _parse_extxyz_frame(text.split("\n"))
+        lines = text.split("\n")
+        if len(lines) > 1:
+          comment = _expand_voigt(lines[1])
+          if comment != lines[1]:
+            lines[1] = comment
+            text = "\n".join(lines)
+        frame = _parse_extxyz_frame(lines)
       if frame is None:
         frame = ase.io.read(io.StringIO(text), index=0,
                             format=self.format or "extxyz")

@@ -183,10 +183,13 @@ def compute_budget(sizes: np.ndarray, batch_size: int, *, seed: int = 0,
 NODE_FIELDS = ("atomic_numbers", "positions", "tags", "fixed", "forces",
                "positions_relaxed")
 EDGE_FIELDS = ("cell_shifts", "slot_mask")
-GRAPH_FIELDS = ("cell", "pbc", "energy", "energy_relaxed", "sid", "fid")
+GRAPH_FIELDS = ("cell", "pbc", "energy", "energy_relaxed", "stress", "sid",
+                "fid", "source", "has_forces", "has_stress")
 # Scalars decode as Python numbers; fix their dtypes so batches never vary.
 _GRAPH_DTYPES = {"energy": np.float32, "energy_relaxed": np.float32,
-                 "sid": np.int64, "fid": np.int64}
+                 "stress": np.float32, "sid": np.int64, "fid": np.int64,
+                 "source": np.int32, "has_forces": np.bool_,
+                 "has_stress": np.bool_}
 
 
 def _as_graph(ex: dict) -> jraph.GraphsTuple:

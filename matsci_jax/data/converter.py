@@ -14,10 +14,12 @@ keeps the given splits; bare paths are split with a seeded permutation.
 Every structure is stored as `GraphSpec.stored_example` builds it, one
 example per structure, in a tensorflow-datasets ArrayRecord folder; see
 `matsci_jax.data.dataset_io` for its layout and `matsci_jax.data.schema` for
-the features. It is written to a temporary folder and moved into place only
-when complete. A bad entry stops the run with an error naming the file, the
-entry and the problem, unless `skip_bad` is given, which skips it and lists
-it in `skipped.jsonl`.
+the features. Targets (energy, forces, stress, ...) must agree within a
+split; the metadata lists each split's `targets`, and a dataset stores a
+`stress` feature only when some split has stress. It is written to a
+temporary folder and moved into place only when complete. A bad entry stops
+the run with an error naming the file, the entry and the problem, unless
+`skip_bad` is given, which skips it and lists it in `skipped.jsonl`.
 """
 
 from __future__ import annotations
@@ -82,11 +84,15 @@ class _Worker:
     task: "s2ef" or "is2re".
     graph_spec: how each structure becomes a stored example.
     serialize: writes a stored example's bytes.
+    serialize_stress: the same for a structure with stress, which its
+      record holds (the main process adds a NaN stress to the records of
+      splits without it when another split has it).
   """
   readers: tuple
   task: str
   graph_spec: GraphSpec
   serialize: schema.Serializer
+  serialize_stress: schema.Serializer
 
   def process(self, job: _Job) -> list[tuple]:
     """Converts one chunk of entries; never raises for a bad entry.
@@ -107,8 +113,10 @@ class _Worker:
         # the worker count or the order in which chunks are done.
         rng = (None if pc is None
                else np.random.default_rng([pc.seed, job.reader, i]))
-        ex = self.graph_spec.stored_example(s, self.task, rng)
-        out.append(("ok", split, where, self.serialize(ex),
+        stress = s.stress is not None
+        ex = self.graph_spec.stored_example(s, self.task, rng, stress)
+        serialize = self.serialize_stress if stress else self.serialize
+        out.append(("ok", split, where, serialize(ex),
                     summarize(ex), schema.target_flags(s, self.task)))
       except DataError as e:
         out.append(("bad", split, (e.path, e.key), e.problem))
@@ -271,7 +279,8 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
     total = sum(len(j.splits) for j in jobs)
     has_point_cloud = graph_spec.point_cloud is not None
     worker = _Worker(tuple(readers), task, graph_spec,
-                     schema.Serializer(task, has_point_cloud))
+                     schema.Serializer(task, has_point_cloud),
+                     schema.Serializer(task, has_point_cloud, stress=True))
     if automatic:
       workers = min(workers, max(1, total // _MIN_ENTRIES_PER_WORKER))
     if workers == 1 or total <= _CHUNK:
@@ -319,6 +328,13 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
       if hasattr(results, "close"):
         results.close()  # Stops the workers when the run ends early.
 
+    # A dataset has a stress feature when a split has stress; the records
+    # of its other splits, written without it, get a NaN one.
+    has_stress = any(f.get("stress") for f in flags.values())
+    if has_stress:
+      for split, w in writers.items():
+        if not flags.get(split, {}).get("stress"):
+          w.rewrite(schema.add_missing_stress)
     split_infos = [w.close() for w in writers.values()]
     empty = [s for s, st in stats.items() if not st.n_atoms]
     if empty:
@@ -345,7 +361,7 @@ def convert(inputs: Union[Mapping[str, Sequence[str]], Sequence[str]],
     try:
       dataset_io.write_metadata(
           tmp, task, has_point_cloud, split_infos, metadata,
-          {s: st.sizes() for s, st in stats.items()})
+          {s: st.sizes() for s, st in stats.items()}, stress=has_stress)
       if skipped:
         with open(os.path.join(tmp, dataset_io.SKIPPED_FILE), "w") as f:
           for row in skipped:

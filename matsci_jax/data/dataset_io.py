@@ -9,7 +9,11 @@ opens, with no TensorFlow installed:
     skipped.jsonl   entries left out by `--skip-bad`, with reasons (if any)
 
 `metadata.json` holds the conversion settings (task, cutoff, max_neighbors,
-edge convention, sources) and the statistics of every split.
+edge convention, sources) and, per split, its statistics and the targets it
+carries (`targets`: energy, forces, stress, ...). A dataset with stress in
+some split stores a `stress` feature in every record (`Dataset.has_stress`);
+`Split.has_stress` (`targets["stress"]`, listed only when True) tells
+whether a split's stresses are real (else NaN).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import errno
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -190,6 +194,37 @@ class ShardedWriter:
       except (OSError, RuntimeError) as e:
         raise output_error(self.label, e) from e
 
+  def rewrite(self, transform: Callable[[bytes], bytes],
+              chunk: int = 1000):
+    """Replaces every record written so far by `transform(record)`.
+
+    Shards are rewritten one at a time, `chunk` records at a time, so that
+    this needs the disk space of one more shard and the memory of `chunk`
+    records.
+    """
+    self._close_writer()
+    total = 0
+    for path in self._paths:
+      new = path + ".rewrite"
+      try:
+        reader = array_record_module.ArrayRecordReader(path)
+        writer = array_record_module.ArrayRecordWriter(new, "group_size:1")
+        try:
+          n = reader.num_records()
+          for start in range(0, n, chunk):
+            for record in reader.read(list(range(start,
+                                                 min(start + chunk, n)))):
+              record = transform(record)
+              writer.write(record)
+              total += len(record)
+        finally:
+          writer.close()
+          reader.close()
+        os.replace(new, path)
+      except (OSError, RuntimeError) as e:
+        raise output_error(self.label, e) from e
+    self.num_bytes = total
+
   def abort(self):
     """Closes the current shard after a failure, ignoring further errors."""
     try:
@@ -214,12 +249,13 @@ class ShardedWriter:
 
 def write_metadata(folder: str, task: str, point_cloud: bool, split_infos,
                    metadata: dict, sizes: dict[str, np.ndarray],
-                   description: str = ""):
-  """Writes the tfds metadata, our metadata and the size arrays."""
+                   description: str = "", stress: bool = False):
+  """Writes the tfds metadata, our metadata and the size arrays; `stress`:
+  the records hold a stress feature."""
   metadata = dict(metadata, format_version=FORMAT_VERSION, task=task,
                   edge_convention=schema.EDGE_CONVENTION)
   tfds.folder_dataset.write_metadata(
-      data_dir=folder, features=schema.features(task, point_cloud),
+      data_dir=folder, features=schema.features(task, point_cloud, stress),
       split_infos=list(split_infos), check_data=False,
       description=description or f"matsci_jax {task} dataset",
       metadata=tfds.core.MetadataDict(metadata))
@@ -248,8 +284,11 @@ class Split:
     source: random-access data source; `source[i]` is a dict of numpy arrays.
     sizes: int32 [num_structures, 2]: atoms and edges of each structure in
       the representation the split was opened for.
-    statistics: the split's statistics from the metadata.
-    targets: which targets the split carries (False for test splits).
+    statistics: the split's statistics from the metadata (`stress_rms`
+      None without stress, also in datasets converted before stress).
+    targets: which targets the split carries (False for test splits):
+      "energy", "forces", for IS2RE "energy_relaxed" and
+      "positions_relaxed", and "stress" (True) when it has stress.
   """
   name: str
   source: Any
@@ -259,6 +298,11 @@ class Split:
 
   def __len__(self) -> int:
     return len(self.source)
+
+  @property
+  def has_stress(self) -> bool:
+    """Whether the split's examples hold real stresses (not NaN)."""
+    return bool(self.targets.get("stress", False))
 
 
 class Dataset:
@@ -323,6 +367,12 @@ class Dataset:
     """Representations stored: ("graph",), ("point_cloud",) or both."""
     return self.graph_spec.representations
 
+  @property
+  def has_stress(self) -> bool:
+    """Whether examples hold `stress` (float32 [3, 3], eV/Å^3, ASE's
+    sign): some split has stress; `Split.has_stress` tells which."""
+    return "stress" in self.builder.info.features.keys()
+
   def split(self, name: str, representation: str = "graph") -> Split:
     """Opens one split for random access (e.g. `name="train"`).
 
@@ -357,5 +407,7 @@ class Dataset:
           f"{SIZES_FILE} lists {len(sizes)}; the folder is corrupt")
     if representation == "point_cloud":
       source = PointCloudSource(source)
+    # Datasets converted before stress was read have no stress_rms.
     return Split(name=name, source=source, sizes=sizes,
-                 statistics=info["statistics"], targets=info["targets"])
+                 statistics={"stress_rms": None, **info["statistics"]},
+                 targets=info["targets"])

@@ -39,6 +39,10 @@ Usage::
     devset.build_devset("data/devset")
 
 or `python -m data_prep.make_devset --output data/devset`.
+
+`matsci_jax.data.bulk_devset` builds a second dev set, of strained bulk
+cells with stress, with the helpers here (`staged_files`,
+`results_in_order`, `begin_build`, `finish_build`, `read_marker`).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import ase.io
 import numpy as np
@@ -316,6 +321,47 @@ def split_systems(num_systems: int, seed: int) -> np.ndarray:
   return split
 
 
+@contextlib.contextmanager
+def staged_files(folder: Path, names: tuple[str, ...]) -> Iterator[dict]:
+  """Files to write, moved into `folder` only once all are complete.
+
+  Yields `{stem: open text file}` for the file `names` (stems without the
+  suffix), in a temporary sibling folder; when the block ends without an
+  error they are closed and moved into `folder` (created if missing), and
+  in any case the temporary folder is deleted.
+  """
+  folder.parent.mkdir(parents=True, exist_ok=True)
+  tmp_dir = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-",
+                                  dir=folder.parent))
+  try:
+    with contextlib.ExitStack() as stack:
+      yield {name.removesuffix(".extxyz"):
+             stack.enter_context(open(tmp_dir / name, "w"))
+             for name in names}
+    folder.mkdir(exist_ok=True)
+    for name in names:
+      os.replace(tmp_dir / name, folder / name)
+  finally:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def results_in_order(fn, jobs: list, workers: int | None) -> Iterator:
+  """`fn(job)` for every job, in order, from up to `workers` processes
+  (default `os.cpu_count()`; one runs them here).
+
+  Results come back in order, so that the output does not depend on the
+  worker count, and they are written while later jobs run.
+  """
+  workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+  if workers > 1:
+    with contextlib.closing(processes.ordered_map(fn, jobs,
+                                                  workers)) as results:
+      yield results
+  else:
+    yield map(fn, jobs)
+
+
 def generate_raw(raw_dir: str | os.PathLike, *, seed: int = 0,
                  num_systems: int | None = None, workers: int | None = None,
                  progress: bool = True) -> dict:
@@ -341,43 +387,54 @@ def generate_raw(raw_dir: str | os.PathLike, *, seed: int = 0,
     systems, ...) and the elapsed time as `seconds`.
   """
   start = time.perf_counter()
-  raw_dir = Path(raw_dir)
   num_systems = DEFAULT_NUM_SYSTEMS if num_systems is None else num_systems
-  workers = max(1, min(workers or os.cpu_count() or 1, num_systems))
   split = split_systems(num_systems, seed)
   counts = {name.removesuffix(".extxyz"): 0 for name in RAW_FILES}
-
-  raw_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp_dir = Path(tempfile.mkdtemp(prefix=f".{raw_dir.name}.tmp-",
-                                  dir=raw_dir.parent))
-  try:
-    with contextlib.ExitStack() as stack:
-      files = {name.removesuffix(".extxyz"):
-               stack.enter_context(open(tmp_dir / name, "w"))
-               for name in RAW_FILES}
-      jobs = [(seed, index) for index in range(num_systems)]
-      if workers > 1:
-        # Results come back in order: the output does not depend on the worker
-        # count, and frames are written while later systems run.
-        results = stack.enter_context(contextlib.closing(
-            processes.ordered_map(_run_system, jobs, workers)))
-      else:
-        results = map(_run_system, jobs)
-      for index, result in enumerate(tqdm(
-              results, total=num_systems, desc="devset", unit="system",
-              disable=not progress)):
-        for task, images in (("s2ef", result["s2ef"]),
-                             ("is2re", [result["is2re"]])):
-          key = f"{task}_{split[index]}"
-          ase.io.write(files[key], images, format="extxyz")
-          counts[key] += len(images)
-    raw_dir.mkdir(exist_ok=True)
-    for name in RAW_FILES:
-      os.replace(tmp_dir / name, raw_dir / name)
-  finally:
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+  jobs = [(seed, index) for index in range(num_systems)]
+  with (staged_files(Path(raw_dir), RAW_FILES) as files,
+        results_in_order(_run_system, jobs, workers) as results):
+    for index, result in enumerate(tqdm(
+            results, total=num_systems, desc="devset", unit="system",
+            disable=not progress)):
+      for task, images in (("s2ef", result["s2ef"]),
+                           ("is2re", [result["is2re"]])):
+        key = f"{task}_{split[index]}"
+        ase.io.write(files[key], images, format="extxyz")
+        counts[key] += len(images)
   counts["seconds"] = time.perf_counter() - start
   return counts
+
+
+def begin_build(marker: Path, overwrite: bool) -> None:
+  """Starts a build whose completion `marker` records.
+
+  Raises:
+    FileExistsError: If the marker is there and `overwrite` is false.
+  """
+  if marker.exists():
+    if not overwrite:
+      raise FileExistsError(
+          f"{marker.parent} already holds a dev set; pass --overwrite "
+          "(overwrite=True) to rebuild it.")
+    # Drop the marker first so an interrupted rebuild is not taken for a
+    # complete dev set.
+    marker.unlink()
+
+
+def finish_build(marker: Path, record: dict) -> None:
+  """Writes the marker of a complete build (atomically)."""
+  tmp = marker.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(record, indent=2) + "\n")
+  os.replace(tmp, marker)
+
+
+def read_marker(marker: Path) -> dict | None:
+  """The record of a complete build, or None."""
+  try:
+    record = json.loads(marker.read_text())
+  except (OSError, ValueError):  # Absent, or cut short by a crash.
+    return None
+  return record if isinstance(record, dict) else None
 
 
 def build_devset(output_dir: str | os.PathLike, *, seed: int = 0,
@@ -416,14 +473,7 @@ def build_devset(output_dir: str | os.PathLike, *, seed: int = 0,
   start = time.perf_counter()
   output_dir = Path(output_dir)
   marker = output_dir / MARKER
-  if marker.exists():
-    if not overwrite:
-      raise FileExistsError(
-          f"{output_dir} already holds a dev set; pass --overwrite "
-          "(overwrite=True) to rebuild it.")
-    # Drop the marker first so an interrupted rebuild is not taken for a
-    # complete dev set.
-    marker.unlink()
+  begin_build(marker, overwrite)
 
   raw = output_dir / "raw"
   summary = generate_raw(raw, seed=seed, num_systems=num_systems,
@@ -444,9 +494,7 @@ def build_devset(output_dir: str | os.PathLike, *, seed: int = 0,
             "max_neighbors": graph_spec.max_neighbors,
             "representation": graph_spec.representation, "version": VERSION,
             **summary}
-  tmp = marker.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(record, indent=2) + "\n")
-  os.replace(tmp, marker)
+  finish_build(marker, record)
   return summary
 
 
@@ -456,12 +504,8 @@ def is_built(output_dir: str | os.PathLike, num_systems: int) -> bool:
   That is one of `num_systems` systems, built at the current `VERSION`
   with both representations (so that every model trains on it).
   """
-  marker = Path(output_dir) / MARKER
-  try:
-    record = json.loads(marker.read_text())
-  except (OSError, ValueError):  # Absent, or cut short by a crash.
-    return False
-  if not isinstance(record, dict):
+  record = read_marker(Path(output_dir) / MARKER)
+  if record is None:
     return False
   built = (record.get("num_systems"), record.get("representation"),
            record.get("version"))

@@ -141,7 +141,8 @@ class GraphSpec:
                point_cloud=None if pc is None else PointCloudSpec(**pc))
 
   def stored_example(self, s: Structure, task: str,
-                     rng: np.random.Generator | None = None) -> dict:
+                     rng: np.random.Generator | None = None,
+                     stress: bool = False) -> dict:
     """The example a converted dataset stores for `s` (see `schema`).
 
     Args:
@@ -149,10 +150,16 @@ class GraphSpec:
       task: "s2ef" or "is2re" (which targets are stored).
       rng: draws the point cloud's bulk centres (default: seeded with the
         spec's seed; the converter seeds one per entry).
+      stress: store `s.stress` as `stress` (NaN without one), as datasets
+        with stress do; without, a stress `s` has is neither stored nor
+        checked (prediction needs none: ASE calculators such as EMT give
+        one even for slabs that are not periodic in 3D).
 
     Raises:
       DataError: the structure is invalid.
     """
+    if not stress and s.stress is not None:
+      s = dataclasses.replace(s, stress=None)
     s = validate(s)
     edges = (_NO_EDGES if self.representation == POINT_CLOUD else
              neighbor_list(s.positions, s.cell, s.pbc, self.cutoff,
@@ -168,7 +175,7 @@ class GraphSpec:
       slots = point_cloud(s, pc.cutoff, pc.num_neighbors, pc.bulk_samples,
                           rng or np.random.default_rng(pc.seed),
                           edges if shared else None)
-    return schema.to_example(s, edges, task, slots)
+    return schema.to_example(s, edges, task, slots, stress)
 
   def example(self, s: Structure, task: str) -> dict:
     """`s` as a model reading this representation gets it: graph edges, or

@@ -8,6 +8,12 @@ Layouts handled (see `shared/data/README.md` of the test fixtures):
   without torch by `torch_pickle.loads`.
 * Field names of every writer generation (`y`/`energy`, `force`/`forces`,
   `y_init`/`y_relaxed`/`pos_relaxed`, float or uint8 atomic numbers, ...).
+* Stress: `stress` in eV/Å^3 with ASE's sign (`atoms.get_stress(voigt=
+  False)`, as fairchem's `AtomsToGraphs(r_stress=True)` stores it, [1, 3, 3],
+  and matsciml dicts, [3, 3]; 9 values or 6 Voigt components xx yy zz yz xz
+  xy), or else `virial`/`virials` in eV, W = -stress * V as in MACE and
+  nequip data, read as stress = -W / V with V the cell's volume (see
+  `structure.stress_target`).
 
 Damaged or crafted entries raise `DataError` naming the file and entry, never
 another exception: values are decoded by the restricted unpickler, fields
@@ -28,13 +34,15 @@ import numpy as np
 
 from matsci_jax.data import torch_pickle
 from matsci_jax.data.structure import (DataError, MAX_ATOMS, MAX_EDGES,
-                                       Structure, TAG_UNKNOWN)
+                                       Structure, TAG_UNKNOWN, stress_target)
 
 _ENERGY_KEYS = ("y", "energy", "potential-energy", "potential_energy",
                 "total_energy", "y_init")
 _FORCE_KEYS = ("force", "forces")
 _RELAXED_ENERGY_KEYS = ("y_relaxed", "energy_relaxed", "relaxed_energy")
 _RELAXED_POS_KEYS = ("pos_relaxed", "positions_relaxed")
+_STRESS_KEYS = ("stress",)
+_VIRIAL_KEYS = ("virial", "virials")
 # Values per atom or per edge of the fields that scale with them; any other
 # field is a handful of numbers, held to the per-atom bound of 3.
 _PER_ATOM = {"atomic_numbers": 1, "tags": 1, "fixed": 1}
@@ -189,6 +197,9 @@ def _structure(fields: dict, path: str, key) -> Structure:
           else np.full(n, TAG_UNKNOWN, np.int32))
   fixed = (array("fixed", np.float64) > 0.5 if "fixed" in fields
            else np.zeros(n, bool))
+  stress = stress_target(optional(_STRESS_KEYS, np.float64),
+                         optional(_VIRIAL_KEYS, np.float64), cell, pbc, path,
+                         key)
 
   return Structure(
       atomic_numbers=z.astype(np.int32),
@@ -199,6 +210,7 @@ def _structure(fields: dict, path: str, key) -> Structure:
       fixed=fixed.reshape(-1),
       energy=_as_float(_first(fields, _ENERGY_KEYS), path, key, "energy"),
       forces=optional(_FORCE_KEYS, np.float64),
+      stress=stress,
       energy_relaxed=_as_float(_first(fields, _RELAXED_ENERGY_KEYS), path,
                                key, "relaxed energy"),
       positions_relaxed=optional(_RELAXED_POS_KEYS, np.float64),

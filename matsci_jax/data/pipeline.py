@@ -41,6 +41,9 @@ class BatchPlan:
     shard_index, shard_count: this process's share in multi-process runs.
     per_step: batches a process takes per step (one per local device and
       micro-batch); items of the plan are then tuples of that many batches.
+    sampler: `sampler(epoch) -> structure indices` in the order to pack
+      them (e.g. `MixtureSampler`); default a seeded permutation of all
+      structures (training) or file order (evaluation).
       Each step takes `shard_count * per_step` consecutive batches, process
       `shard_index` the `per_step` at offset `shard_index * per_step`.
       Epochs are evened out with empty (all-padding) batches, so no
@@ -49,8 +52,10 @@ class BatchPlan:
 
   def __init__(self, sizes: np.ndarray, budget: Budget, *, shuffle: bool,
                seed: int = 0, num_epochs: Optional[int] = 1,
-               shard_index: int = 0, shard_count: int = 1, per_step: int = 1):
+               shard_index: int = 0, shard_count: int = 1, per_step: int = 1,
+               sampler=None):
     self.sizes = np.asarray(sizes)
+    self.sampler = sampler
     self.budget = budget
     self.shuffle = shuffle
     self.seed = seed
@@ -88,8 +93,12 @@ class BatchPlan:
 
   def _pack_epoch(self, e: int) -> list[np.ndarray]:
     n = len(self.sizes)
-    order = (np.random.default_rng([self.seed, e]).permutation(n)
-             if self.shuffle else np.arange(n))
+    if self.sampler is not None:
+      order = self.sampler(e)
+    elif self.shuffle:
+      order = np.random.default_rng([self.seed, e]).permutation(n)
+    else:
+      order = np.arange(n)
     batches = batching.pack(order, self.sizes, self.budget)
     group = self.shard_count * self.per_step
     steps = -(-len(batches) // group)
@@ -138,6 +147,60 @@ class BatchPlan:
     return batching.padding_efficiency(batches, self.sizes, self.budget)
 
 
+class MixtureSampler:
+  """Epochs of several data sources drawn in proportion to their weights.
+
+  An epoch holds as many structures as all sources together; source s
+  contributes `round(p_s * total)` of them, where p_s is proportional to
+  `weight_s * size_s ** temperature` (temperature 1 with equal weights
+  samples every structure alike; 0 samples the sources by weight alone).
+  Each source is read through its own endless stream of seeded
+  permutations, so a small source repeats (each structure equally often)
+  and a large one is subsampled without repeats until it is used up; the
+  epoch's structures are then shuffled together. Epoch e is a pure
+  function of (seed, e), so a resumed run draws the same batches.
+
+  Args:
+    counts: structures per source (their indices are consecutive, source
+      0 first).
+    weights: non-negative sampling weights per source.
+    temperature: exponent of the source sizes.
+    seed: sampling seed.
+  """
+
+  def __init__(self, counts, weights, temperature: float = 1.0,
+               seed: int = 0):
+    self.counts = np.asarray(counts, np.int64)
+    self.offsets = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+    share = np.asarray(weights, np.float64) * self.counts.astype(
+        np.float64) ** temperature
+    if not (share.sum() > 0 and np.all(share >= 0)):
+      raise ValueError(f"sampling weights {list(weights)} give no source a "
+                       "positive share")
+    self.probabilities = share / share.sum()
+    total = int(self.counts.sum())
+    self.per_epoch = np.maximum(np.round(self.probabilities * total),
+                                self.probabilities > 0).astype(np.int64)
+    self.seed = seed
+
+  def _stream(self, s: int, start: int, length: int) -> np.ndarray:
+    """Items [start, start + length) of source s's permutation stream."""
+    n = int(self.counts[s])
+    first, last = start // n, (start + length - 1) // n
+    laps = [np.random.default_rng([self.seed, s, lap]).permutation(n)
+            for lap in range(first, last + 1)]
+    stream = np.concatenate(laps)
+    return stream[start - first * n:start - first * n + length]
+
+  def __call__(self, epoch: int) -> np.ndarray:
+    picks = [self.offsets[s] + self._stream(s, epoch * int(k), int(k))
+             for s, k in enumerate(self.per_epoch) if k > 0]
+    order = np.concatenate(picks)
+    # A stream apart from the permutations of the sources' own streams.
+    rng = np.random.default_rng([self.seed, epoch, len(self.counts)])
+    return rng.permutation(order)
+
+
 @dataclasses.dataclass
 class _LoadBatch:
   """Reads and collates one planned batch (runs in grain workers)."""
@@ -172,16 +235,16 @@ def stack(batches):
 def batch_dataset(split: Split, budget: Budget, *, shuffle: bool,
                   seed: int = 0, num_epochs: Optional[int] = 1,
                   shard_index: int = 0, shard_count: int = 1,
-                  per_step: int = 1, worker_count: int = 0, prefetch: int = 2
-                  ) -> tuple[grain.IterDataset, BatchPlan]:
+                  per_step: int = 1, worker_count: int = 0, prefetch: int = 2,
+                  sampler=None) -> tuple[grain.IterDataset, BatchPlan]:
   """Builds the grain dataset of padded batches for a split.
 
   Args:
     split: an opened split (`Dataset.split`).
     budget: its padding budget.
-    shuffle, seed, num_epochs, shard_index, shard_count, per_step: see
-      `BatchPlan`; with `per_step` > 1 each element stacks that many
-      batches along a leading axis.
+    shuffle, seed, num_epochs, shard_index, shard_count, per_step,
+      sampler: see `BatchPlan`; with `per_step` > 1 each element stacks
+      that many batches along a leading axis.
     worker_count: worker processes (0 loads in the calling process).
     prefetch: batches buffered per worker (or threads when no workers).
 
@@ -191,7 +254,8 @@ def batch_dataset(split: Split, budget: Budget, *, shuffle: bool,
   """
   plan = BatchPlan(split.sizes, budget, shuffle=shuffle, seed=seed,
                    num_epochs=num_epochs, shard_index=shard_index,
-                   shard_count=shard_count, per_step=per_step)
+                   shard_count=shard_count, per_step=per_step,
+                   sampler=sampler)
   ds = grain.MapDataset.source(plan).map(
       _LoadBatch(split.source, budget, f"split {split.name!r}"))
   it = ds.to_iter_dataset(grain.ReadOptions(

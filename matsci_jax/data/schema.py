@@ -4,6 +4,10 @@ Arrays are stored as raw bytes (tfds `Encoding.BYTES`), which serialises and
 parses about 30x faster than protobuf number lists. Missing targets (test
 splits) are stored as NaN and flagged in the split metadata. `Serializer`
 writes the `tf.train.Example` bytes of these features directly.
+
+`stress` (float32 [3, 3], eV/Å^3, ASE's sign) is a feature only of datasets
+with stress in some split, so that datasets without it keep their records
+byte for byte; there, splits without stress store it as NaN.
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ def _tensor(shape, dtype):
 REPRESENTATIONS = ("graph", "point_cloud", "both")
 
 
-def features(task: str, point_cloud: bool = False) -> _F.FeaturesDict:
+def features(task: str, point_cloud: bool = False,
+             stress: bool = False) -> _F.FeaturesDict:
   """The tfds features of a converted dataset for `task`.
 
   With `point_cloud`, the point-cloud slots are stored too (`pc_*`, see
-  `matsci_jax.data.point_cloud`).
+  `matsci_jax.data.point_cloud`); with `stress`, the stress tensor.
   """
   if task not in TASKS:
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -62,6 +67,8 @@ def features(task: str, point_cloud: bool = False) -> _F.FeaturesDict:
   if task == "is2re":
     spec["energy_relaxed"] = _F.Scalar(dtype=np.float32)
     spec["positions_relaxed"] = _tensor((None, 3), np.float32)
+  if stress:
+    spec["stress"] = _tensor((3, 3), np.float32)
   if point_cloud:
     spec.update(pc_senders=_tensor((None,), np.int32),
                 pc_receivers=_tensor((None,), np.int32),
@@ -98,8 +105,8 @@ def _header(number: int, size: int) -> tuple[bytes, int]:
 
 
 class Serializer:
-  """Serializes examples of `features(task, point_cloud)` to the bytes of
-  a `tf.train.Example`, as `FeaturesDict.serialize_example` does.
+  """Serializes examples of `features(task, point_cloud, stress)` to the
+  bytes of a `tf.train.Example`, as `FeaturesDict.serialize_example` does.
 
   tfds builds a protobuf message per example, several times slower than
   writing the bytes; the wire format of these few feature kinds is simple
@@ -109,12 +116,11 @@ class Serializer:
   process to process). Any order parses to the same example.
   """
 
-  def __init__(self, task: str, point_cloud: bool = False):
+  def __init__(self, task: str, point_cloud: bool = False,
+               stress: bool = False):
     self._fields = []
-    # Protobuf's deterministic order puts a key before its prefixes
-    # ("cell_shifts" before "cell").
-    specs = features(task, point_cloud)
-    for key in sorted(specs.keys(), key=lambda k: k.encode() + b"\xff"):
+    specs = features(task, point_cloud, stress)
+    for key in sorted(specs.keys(), key=_map_order):
       feature = specs[key]
       dtype = np.dtype(feature.np_dtype)
       if isinstance(feature, _F.Scalar):
@@ -140,13 +146,8 @@ class Serializer:
         if value.dtype != dtype or not _shape_matches(value.shape, shape):
           raise ValueError(f"feature {key!r} must be {dtype} of shape "
                            f"{shape}, got {value.dtype} {value.shape}")
-        raw = value.tobytes()
-        # Feature{bytes_list: BytesList{value: [raw]}}: two nested fields.
-        head1, size = _header(1, len(raw))
-        head2, size = _header(1, size)
-        value_head, size = _header(2, size)
-        entry_head, size = _header(1, len(key_field) + size)
-        parts += (entry_head, key_field, value_head, head2, head1, raw)
+        entry, size = _bytes_entry(key_field, value.tobytes())
+        parts += entry
       else:
         if kind == 2:  # FloatList{value: [x]} (packed) in float_list.
           feature = _field(2, _field(1, struct.pack("<f", np.float32(value))))
@@ -159,6 +160,58 @@ class Serializer:
     # Example.features = 1 holds Features, whose map `feature` = 1.
     parts.insert(0, _header(1, total)[0])
     return b"".join(parts)
+
+
+def _map_order(key: str) -> bytes:
+  """Protobuf's deterministic order of map keys, which puts a key before
+  its prefixes ("cell_shifts" before "cell")."""
+  return key.encode() + b"\xff"
+
+
+def _bytes_entry(key_field: bytes, raw: bytes) -> tuple[tuple, int]:
+  """The parts of the map entry holding `raw` as a bytes feature, and its
+  size: Feature{bytes_list: BytesList{value: [raw]}}, two nested fields."""
+  head1, size = _header(1, len(raw))
+  head2, size = _header(1, size)
+  value_head, size = _header(2, size)
+  entry_head, size = _header(1, len(key_field) + size)
+  return (entry_head, key_field, value_head, head2, head1, raw), size
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+  value = shift = 0
+  while True:
+    byte = data[pos]
+    pos += 1
+    value |= (byte & 0x7F) << shift
+    shift += 7
+    if byte < 0x80:
+      return value, pos
+
+
+_NAN_STRESS = _bytes_entry(_field(1, b"stress"),
+                           np.full((3, 3), np.nan, np.float32).tobytes())
+
+
+def add_missing_stress(record: bytes) -> bytes:
+  """A record serialized without `stress`, with a NaN stress added: the
+  bytes `Serializer(..., stress=True)` writes for the same example with
+  stress NaN (a split without stress in a dataset with it)."""
+  entry, entry_size = _NAN_STRESS
+  # Example{features = 1: Features{feature = 1: map entries}}: the tag and
+  # length of `features`, then the entries, each a tag, a length and a
+  # body that starts with the key (tag, length, bytes).
+  _, start = _read_varint(record, 1)
+  pos, after = start, _map_order("stress")
+  while pos < len(record):
+    size, body = _read_varint(record, pos + 1)
+    key_size, key_start = _read_varint(record, body + 1)
+    if _map_order(record[key_start:key_start + key_size].decode()) > after:
+      break
+    pos = body + size
+  total = len(record) - start + entry_size
+  return b"".join((_header(1, total)[0], record[start:pos], *entry,
+                   record[pos:]))
 
 
 def _shape_matches(shape: tuple, spec: tuple) -> bool:
@@ -179,8 +232,14 @@ def slots_as_edges(ex: dict) -> dict:
 
 
 def target_flags(s: Structure, task: str) -> dict[str, bool]:
-  """Which targets a structure carries (must agree within a split)."""
+  """Which targets a structure carries (must agree within a split).
+
+  `stress` is listed only when present, so that the metadata of datasets
+  without stress stays as it was (`Split.has_stress` reads it).
+  """
   flags = {"energy": s.energy is not None, "forces": s.forces is not None}
+  if s.stress is not None:
+    flags["stress"] = True
   if task == "is2re":
     flags["energy_relaxed"] = s.energy_relaxed is not None
     flags["positions_relaxed"] = s.positions_relaxed is not None
@@ -193,9 +252,10 @@ def _check_shifts(s: Structure, shifts: np.ndarray):
                     "far smaller than the cutoff")
 
 
-def to_example(s: Structure, edges: Edges, task: str,
-               point_cloud=None) -> dict[str, np.ndarray]:
-  """Builds the stored example of one structure, its edges and point cloud."""
+def to_example(s: Structure, edges: Edges, task: str, point_cloud=None,
+               stress: bool = False) -> dict[str, np.ndarray]:
+  """Builds the stored example of one structure, its edges and point cloud;
+  with `stress`, its stress too (NaN when it has none)."""
   n = s.num_atoms
   _check_shifts(s, edges.cell_shifts)
   nan_vec = np.full((n, 3), np.nan, np.float32)
@@ -215,6 +275,9 @@ def to_example(s: Structure, edges: Edges, task: str,
       "sid": np.int64(s.sid),
       "fid": np.int64(s.fid),
   }
+  if stress:
+    ex["stress"] = (np.full((3, 3), np.nan, np.float32) if s.stress is None
+                    else s.stress.astype(np.float32))
   if task == "is2re":
     ex["energy_relaxed"] = np.float32(
         np.nan if s.energy_relaxed is None else s.energy_relaxed)

@@ -2,9 +2,10 @@
 
 For each split: histograms of atoms and edges per structure (which set the
 padding budgets), energy mean/std (total and per atom), force RMS (all atoms
-and free atoms), and per-element reference energies fitted by least squares,
-E ~ sum_Z count_Z * ref_Z, from accumulated normal equations so that the fit
-needs no second pass over the data.
+and free atoms), stress RMS (`stress_rms`, over the 9 components of the
+structures with stress; None without), and per-element reference energies
+fitted by least squares, E ~ sum_Z count_Z * ref_Z, from accumulated normal
+equations so that the fit needs no second pass over the data.
 
 When every structure carries OC20 tags (all in 0, 1, 2), a second fit uses
 only the adsorbate atoms (tag 2) plus a constant,
@@ -179,6 +180,8 @@ class SplitStatistics:
     self.force_n = 0
     self.free_force_sq = 0.0
     self.free_force_n = 0
+    self.stress_sq = 0.0
+    self.stress_n = 0
 
   def add(self, summary: dict):
     """Adds one structure's summary (see `summarize`)."""
@@ -199,6 +202,9 @@ class SplitStatistics:
       self.force_n += 3 * n
       self.free_force_sq += summary["free_force_sq"]
       self.free_force_n += 3 * summary["n_free"]
+    if summary.get("stress_sq") is not None:
+      self.stress_sq += summary["stress_sq"]
+      self.stress_n += 9
 
   def sizes(self) -> np.ndarray:
     """int32 [num_structures, 2 or 3]: atoms, edges (and point-cloud slots)."""
@@ -230,6 +236,8 @@ class SplitStatistics:
                       if self.force_n else None),
         "free_force_rms": (math.sqrt(self.free_force_sq / self.free_force_n)
                            if self.free_force_n else None),
+        "stress_rms": (math.sqrt(self.stress_sq / self.stress_n)
+                       if self.stress_n else None),
     }
     if self.energy_relaxed.n:
       out["energy_relaxed"] = self.energy_relaxed.summary()
@@ -262,6 +270,9 @@ def summarize(example: dict) -> dict:
   has_forces = math.isfinite(force_sq)
   free = ~example["fixed"]
   relaxed = example.get("energy_relaxed")
+  stress = example.get("stress")
+  stress_sq = (float(np.sum(stress.astype(np.float64) ** 2))
+               if stress is not None else math.nan)
   tags = example.get("tags")
   # Only OC20 tags (0 subsurface, 1 surface, 2 adsorbate) name adsorbates;
   # ase.build numbers slab layers 1..L, where 2 is just a layer.
@@ -281,4 +292,5 @@ def summarize(example: dict) -> dict:
       "force_sq": force_sq if has_forces else None,
       "free_force_sq": float(sq[free].sum()) if has_forces else None,
       "n_free": int(free.sum()),
+      "stress_sq": stress_sq if math.isfinite(stress_sq) else None,
   }

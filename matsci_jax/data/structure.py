@@ -14,12 +14,18 @@ what would exhaust memory; an entry beyond them is damaged or crafted:
 * `MAX_EDGES` (10**8): stored edges (`edge_index` columns) per structure.
 * `MIN_DISTANCE` (1e-6 Å): atoms closer than this, periodic images
   included, are one atom written twice.
+
+Stress follows ASE's convention: `atoms.get_stress(voigt=False)`, in eV/Å^3,
+sigma = (1/V) dE/d(strain), positive when the cell pulls inwards (tensile).
+Readers turn a virial into it with sigma = -virial / V (the convention of
+extended XYZ `virial=` and of MACE and nequip data), see `stress_target`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -62,6 +68,8 @@ class Structure:
     fixed: bool [N], True for atoms held fixed (FixAtoms).
     energy: energy of this structure in eV, or None (test splits).
     forces: float64 [N, 3] in eV/Å, or None.
+    stress: float64 [3, 3] in eV/Å^3 (ASE's sign, see the module
+      docstring), or None; only a cell periodic in 3D has one.
     energy_relaxed: IS2RE target, relaxed energy in eV, or None.
     positions_relaxed: float64 [N, 3], IS2RS target in Å, or None.
     sid: system id (-1 if unknown).
@@ -80,6 +88,7 @@ class Structure:
   fixed: np.ndarray
   energy: Optional[float] = None
   forces: Optional[np.ndarray] = None
+  stress: Optional[np.ndarray] = None
   energy_relaxed: Optional[float] = None
   positions_relaxed: Optional[np.ndarray] = None
   sid: int = -1
@@ -105,9 +114,9 @@ class Structure:
       atoms.set_tags(self.tags)
     if self.fixed.any():
       atoms.set_constraint(FixAtoms(mask=self.fixed))
-    if self.energy is not None or self.forces is not None:
+    if any(v is not None for v in (self.energy, self.forces, self.stress)):
       atoms.calc = SinglePointCalculator(
-          atoms, energy=self.energy, forces=self.forces)
+          atoms, energy=self.energy, forces=self.forces, stress=self.stress)
     atoms.info.update(sid=self.sid, fid=self.fid)
     return atoms
 
@@ -120,7 +129,7 @@ def validate(s: Structure) -> Structure:
   `MAX_ATOMS` atoms and `MAX_EDGES` stored edges, and that no two atoms (or
   an atom and another's periodic image) are closer than `MIN_DISTANCE`.
   Targets may be missing (test splits) but, when present, must be finite
-  and well shaped.
+  and well shaped; a stress needs a cell periodic in all three directions.
   """
   path, key = s.source
 
@@ -176,6 +185,15 @@ def validate(s: Structure) -> Structure:
     value = getattr(s, name)
     if value is not None and not np.isfinite(value):
       fail(f"{name} target is {value}")
+  if s.stress is not None:
+    if s.stress.shape != (3, 3):
+      fail(f"stress has shape {s.stress.shape}, expected (3, 3) or 6 Voigt "
+           "components (xx yy zz yz xz xy)")
+    if not np.all(np.isfinite(s.stress)):
+      fail(f"stress target contains NaN or inf: {s.stress.tolist()}")
+    if not s.pbc.all():
+      fail(f"a stress needs a cell periodic in all three directions, but "
+           f"pbc={s.pbc.tolist()}")
   for name in ("forces", "positions_relaxed"):
     value = getattr(s, name)
     if value is not None and not np.all(np.isfinite(value)):
@@ -186,6 +204,90 @@ def validate(s: Structure) -> Structure:
     fail(f"positions_relaxed have shape {s.positions_relaxed.shape}, "
          f"expected ({n}, 3)")
   return s
+
+
+# Voigt order (ASE's): xx yy zz yz xz xy.
+_VOIGT_ROWS = np.array([0, 1, 2, 1, 0, 0])
+_VOIGT_COLS = np.array([0, 1, 2, 2, 2, 1])
+
+
+def voigt_to_full(voigt: np.ndarray) -> np.ndarray:
+  """float [6] in ASE's Voigt order (xx yy zz yz xz xy) -> symmetric [3, 3],
+  as `ase.stress.voigt_6_to_full_3x3_stress` gives it."""
+  full = np.empty((3, 3), np.float64)
+  full[_VOIGT_ROWS, _VOIGT_COLS] = voigt
+  full[_VOIGT_COLS, _VOIGT_ROWS] = voigt
+  return full
+
+
+def full_to_voigt(full: np.ndarray) -> np.ndarray:
+  """float [3, 3] -> [6] in ASE's Voigt order (the upper triangle, as ASE
+  takes it)."""
+  return np.asarray(full)[_VOIGT_ROWS, _VOIGT_COLS]
+
+
+def _tensor(value, name: str, path: str, key) -> np.ndarray:
+  """`value` as float64 [3, 3] from 9 values ([3, 3], [1, 3, 3], [9]) or 6
+  Voigt components ([6], [1, 6]); any other shape is returned as it is."""
+  try:
+    arr = np.asarray(value, np.float64)
+  except (TypeError, ValueError, OverflowError) as e:
+    raise DataError(path, key, f"{name} is not numeric: {e}") from e
+  if arr.shape in ((6,), (1, 6)):
+    return voigt_to_full(arr.reshape(6))
+  if arr.shape in ((9,), (3, 3), (1, 3, 3)):
+    return arr.reshape(3, 3)
+  return arr
+
+
+class StressIgnoredWarning(UserWarning):
+  """A stress given on a structure that cannot have one was left out."""
+
+
+def stress_target(stress, virial, cell: np.ndarray, pbc: np.ndarray,
+                  path: str, key) -> Optional[np.ndarray]:
+  """The stress a reader stores, from a stress or a virial (or None).
+
+  Args:
+    stress: stress in eV/Å^3 with ASE's sign, as 9 values or 6 Voigt
+      components (xx yy zz yz xz xy), or None.
+    virial: virial in eV, W = -stress * V, as 9 values or 6 Voigt
+      components, or None; used only without `stress`.
+    cell: float [3, 3] lattice vectors as rows in Å.
+    pbc: bool [3].
+    path, key: where the structure comes from, for errors.
+
+  Returns:
+    float64 [3, 3], or None without either. A stress of another shape is
+    returned as it is (`validate` names it). A stress or virial on a cell
+    that is not periodic in all three directions (an ASE calculator gives
+    one for slabs too) has no volume to refer to: it is left out, with a
+    `StressIgnoredWarning` once per file.
+
+  Raises:
+    DataError: a value that is not numeric, a virial of another shape, or
+      a virial on a flat cell.
+  """
+  if (stress is not None or virial is not None) and not np.asarray(
+      pbc).all():
+    warnings.warn(StressIgnoredWarning(
+        f"{path}: stress left out of structures whose cell is not periodic "
+        "in all three directions (it has no volume to refer to)"),
+        stacklevel=2)
+    return None
+  if stress is not None:
+    return _tensor(stress, "stress", path, key)
+  if virial is None:
+    return None
+  virial = _tensor(virial, "virial", path, key)
+  if virial.shape != (3, 3):
+    raise DataError(path, key, f"virial has shape {virial.shape}, expected "
+                    "(3, 3) or 6 Voigt components (xx yy zz yz xz xy)")
+  volume = abs(float(np.linalg.det(cell))) if cell.shape == (3, 3) else 0.0
+  if not volume > 0:
+    raise DataError(path, key, "a virial becomes a stress only on a cell "
+                    f"with a volume, but the volume is {volume:g} Å^3")
+  return -virial / volume
 
 
 _GRID_OFFSETS = np.array(list(itertools.product((0.0, MIN_DISTANCE),

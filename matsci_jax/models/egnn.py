@@ -100,6 +100,8 @@ class EGNN(registry.EnergyModel):
   num_species: int = 119
   remat: str = ""
 
+  head_modules = ("readout", "readout_out")
+
   @nn.compact
   def __call__(self, graph: jraph.GraphsTuple,
                positions: jax.Array | None = None) -> jax.Array:
@@ -134,6 +136,7 @@ class EGNN(registry.EnergyModel):
                    self.avg_num_neighbors, self.coordinate_update,
                    dtype=self.dtype, name=f"layer_{i}")(h, x, *terms, graph)
     dense = functools.partial(nn.Dense, dtype=self.dtype)
-    out = dense(1, name="readout_out")(
-        act(dense(self.readout_hidden, name="readout")(h)))[:, 0]
-    return out.astype(jnp.float32) * graph.nodes["mask"]
+    out = dense(self.num_heads, name="readout_out")(
+        act(dense(self.readout_hidden, name="readout")(h)))
+    out = out.astype(jnp.float32) * graph.nodes["mask"][:, None]
+    return self.heads_output(out)

@@ -209,6 +209,8 @@ class Gala(registry.EnergyModel):
   pairs_per_chunk: int = 1024
   remat: str = ""
 
+  head_modules = ("final", "energy")
+
   @nn.compact
   def __call__(self, graph: jraph.GraphsTuple,
                positions: jax.Array | None = None) -> jax.Array:
@@ -253,11 +255,11 @@ class Gala(registry.EnergyModel):
       h = nn.LayerNorm(name=f"norm_{i}")(h + out.astype(jnp.float32))
     pooled, _ = _chunked("reduce", chunk_rows, self.remat, r, h, weight,
                          reduce=True, **fields)
-    energy = dense(1, use_bias=False, name="energy")(jax.nn.silu(
-        dense(self.hidden_dim, name="final")(pooled)))[:, 0]
+    energy = dense(self.num_heads, use_bias=False, name="energy")(
+        jax.nn.silu(dense(self.hidden_dim, name="final")(pooled)))
     energy = energy.astype(jnp.float32)
     # Padding rows belong to the padding node, which the node mask removes.
     n_node = z.shape[0]
     per_atom = jax.ops.segment_sum(energy, center, num_segments=n_node,
                                    indices_are_sorted=True)
-    return per_atom * graph.nodes["mask"]
+    return self.heads_output(per_atom * graph.nodes["mask"][:, None])

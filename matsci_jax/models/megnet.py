@@ -174,6 +174,8 @@ class MegNet(registry.EnergyModel):
   num_species: int = 119
   remat: str = ""
 
+  head_modules = ("readout",)
+
   @property
   def per_graph_output(self) -> bool:
     return self.readout == "set2set"
@@ -202,14 +204,16 @@ class MegNet(registry.EnergyModel):
       e, v, u = block(self.pre, self.block_mlp, self.activation,
                       dtype=self.dtype, name=f"block_{i}")(
                           e, v, u, edge.envelope, graph)
-    head = MLP(tuple(self.readout_mlp) + (1,), self.activation,
+    head = MLP(tuple(self.readout_mlp) + (self.num_heads,), self.activation,
                activate_last=False, dtype=self.dtype, name="readout")
     if self.readout == "per_atom":
-      return head(v)[:, 0].astype(jnp.float32) * node_mask
+      return self.heads_output(head(v).astype(jnp.float32)
+                               * node_mask[:, None])
     node_graph = graph.nodes["graph"]
     pooled_v = Set2Set(self.set2set_steps, name="set2set_nodes")(
         v, node_graph, n_graph, node_mask.astype(v.dtype))
     pooled_e = Set2Set(self.set2set_steps, name="set2set_edges")(
         e, node_graph[graph.receivers], n_graph, edge.envelope)
-    out = head(jnp.concatenate([pooled_v, pooled_e, u], -1))[:, 0]
-    return out.astype(jnp.float32) * graph.globals["mask"]
+    out = head(jnp.concatenate([pooled_v, pooled_e, u], -1))
+    return self.heads_output(out.astype(jnp.float32)
+                             * graph.globals["mask"][:, None])

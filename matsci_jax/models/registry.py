@@ -39,14 +39,29 @@ class EnergyModel(nn.Module):
       see `matsci_jax.data.point_cloud`).
     per_graph_output: property, True when the model gives one output per
       structure (a non-extensive readout) instead of one per atom.
+    head_modules: class variable, the top-level parameter modules of the
+      energy head, whose last layer has `num_heads` outputs; a trained
+      model's other parameters (the encoder) must fit a model it
+      initialises (`matsci_jax.finetune`).
     dtype: computation dtype of the dense layers (jnp.bfloat16 for mixed
       precision); parameters, positions, sums and outputs stay float32.
       It comes after a subclass's own fields in the constructor, so
       `model.clone(dtype=jnp.bfloat16)` works for every model.
+    num_heads: energy heads on the shared encoder, one per data source
+      (`config.model.heads = "per_source"`); with more than one, outputs
+      gain a last axis [..., num_heads] and `matsci_jax.energy` picks each
+      structure's head by its source.
   """
   representation: ClassVar[str] = "graph"
+  head_modules: ClassVar[tuple[str, ...]] = ()
   # Keyword-only: subclass fields keep their places in the constructor.
   dtype: Any = kw_only_dataclasses.field(default=jnp.float32, kw_only=True)
+  num_heads: int = kw_only_dataclasses.field(default=1, kw_only=True)
+
+  def heads_output(self, out: jax.Array) -> jax.Array:
+    """A head layer's output [n, num_heads] as the contract's [n] (one
+    head) or [n, num_heads]."""
+    return out[:, 0] if self.num_heads == 1 else out
 
   @property
   def per_graph_output(self) -> bool:
@@ -65,7 +80,8 @@ class EnergyModel(nn.Module):
 
     Returns:
       float32 [n_node], zero on padding nodes; or [n_graph], zero on padding
-      graphs, when `per_graph_output` is True.
+      graphs, when `per_graph_output` is True; with `num_heads` > 1, a
+      last axis of that size.
     """
     raise NotImplementedError(
         f"{type(self).__name__} must define __call__(graph, positions=None)")
@@ -111,10 +127,23 @@ def get(name: str, **kwargs) -> EnergyModel:
   return model_class(name)(**kwargs)
 
 
-def from_config(model_config) -> EnergyModel:
-  """Builds a model from a config: a `name` field and the module's fields."""
+HEADS = ("shared", "per_source")
+
+
+def from_config(model_config, num_sources: int = 1) -> EnergyModel:
+  """Builds a model from a config: a `name` field and the module's fields.
+
+  `heads` ("shared", the default, or "per_source") gives the model one
+  energy head per data source of `num_sources`.
+  """
   kwargs = dict(model_config)
   name = kwargs.pop("name")
+  heads = kwargs.pop("heads", "shared")
+  if heads not in HEADS:
+    raise ValueError(f"config.model.heads must be one of {HEADS}, got "
+                     f"{heads!r}")
+  if heads == "per_source" and num_sources > 1:
+    kwargs["num_heads"] = num_sources
   cls = model_class(name)
   # dataclasses.fields leaves out class variables such as `representation`.
   fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}

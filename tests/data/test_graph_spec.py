@@ -49,3 +49,23 @@ def test_examples_follow_the_spec():
   assert len(slots["senders"]) % 8 == 0 and "slot_mask" in slots
   with pytest.raises(ValueError, match="reads one representation"):
     spec.example(s, "s2ef")
+
+
+def test_prediction_ignores_a_stress():
+  """EMT gives a 2D-periodic slab a stress, which a dataset refuses; an
+  example without stress (what prediction builds) neither checks nor
+  holds it."""
+  from ase.build import fcc111
+  from ase.calculators.emt import EMT
+
+  from matsci_jax.data.graphs import graph_from_atoms
+  from matsci_jax.data.structure import DataError
+  slab = fcc111("Cu", (2, 2, 3), vacuum=5.0)
+  slab.calc = EMT()
+  slab.get_forces()
+  s = structure_from_atoms(slab, "<slab>", 0)
+  assert s.stress is not None and not slab.pbc.all()
+  example = graph_from_atoms(slab)
+  assert "stress" not in example and example["forces"].shape == (12, 3)
+  with pytest.raises(DataError, match="a stress needs a cell periodic"):
+    GraphSpec().stored_example(s, "s2ef", stress=True)

@@ -79,3 +79,36 @@ def test_wrong_dtype_or_shape_is_an_error():
     serialize(dict(example, positions=example["positions"].astype(float)))
   with pytest.raises(ValueError, match="'cell' must be float32 of shape"):
     serialize(dict(example, cell=np.eye(2, dtype=np.float32)))
+
+
+@pytest.mark.parametrize("representation", sorted(SPECS))
+@pytest.mark.parametrize("task,variant", [
+    ("s2ef", "oc20_s2ef_toy/edges"), ("is2re", "oc20_is2re_toy")])
+def test_stress_bytes_and_added_nan_stress(shared_data, task, variant,
+                                           representation):
+  """With stress, the bytes are tfds' too; a record written without stress
+  and given a NaN one by `add_missing_stress` is the record of the same
+  example with NaN stress (what splits without stress store in a dataset
+  with stress)."""
+  spec = SPECS[representation]
+  pc = spec.point_cloud is not None
+  features = schema.features(task, pc, stress=True)
+  with_stress = schema.Serializer(task, pc, stress=True)
+  without = schema.Serializer(task, pc)
+  assert "stress" in features.keys()
+  assert "stress" not in schema.features(task, pc).keys()
+  reader = LmdbReader(str(shared_data / variant))
+  rng = np.random.default_rng(0)
+  for i in range(0, len(reader), max(len(reader) // 4, 1)):
+    s = dataclasses.replace(reader[i], stress=rng.normal(size=(3, 3)))
+    example = spec.stored_example(s, task, stress=True)
+    got = with_stress(example)
+    assert got == _tfds_bytes(features, example)
+    np.testing.assert_array_equal(
+        features.deserialize_example_np(got)["stress"],
+        s.stress.astype(np.float32))
+    bare = dataclasses.replace(s, stress=None)
+    nan_example = spec.stored_example(bare, task, stress=True)
+    assert np.isnan(nan_example["stress"]).all()
+    assert schema.add_missing_stress(
+        without(spec.stored_example(bare, task))) == with_stress(nan_example)

@@ -79,7 +79,7 @@ class _PlainMoments(statistics._Moments):
 
 
 def _plain_summarize(example):
-  """`summarize` as it first was."""
+  """`summarize` as it first was (with stress added)."""
   z = example["atomic_numbers"]
   energy = float(example["energy"])
   forces = example["forces"].astype(np.float64)
@@ -101,6 +101,9 @@ def _plain_summarize(example):
       "free_force_sq": (float((forces[free] ** 2).sum()) if has_forces
                         else None),
       "n_free": int(free.sum()),
+      "stress_sq": (float((example["stress"].astype(np.float64) ** 2).sum())
+                    if "stress" in example
+                    and np.isfinite(example["stress"]).all() else None),
   }
 
 
@@ -145,3 +148,24 @@ def test_batched_sums_equal_structure_by_structure_sums(monkeypatch, batch):
     plain.add(summary)
   assert "adsorbate_fit" in fast.summary()["energy"]
   assert fast.summary() == plain.summary()
+
+
+def test_stress_rms_over_structures_with_stress():
+  """RMS of the 9 components over the structures that have stress; NaN
+  (stress missing in a dataset with stress) and absent stress count not."""
+  rng = np.random.default_rng(3)
+  stats = statistics.SplitStatistics()
+  stresses = [rng.normal(size=(3, 3)).astype(np.float32) for _ in range(4)]
+  for k, stress in enumerate(stresses + [np.full((3, 3), np.nan)]):
+    summary = _summary([29, 29], [0, 0], -1.0 - k)
+    stats.add(dict(summary, stress_sq=statistics.summarize({
+        "atomic_numbers": np.array([29]), "energy": 0.0,
+        "forces": np.zeros((1, 3), np.float32), "fixed": np.zeros(1, bool),
+        "senders": np.zeros(0, np.int32), "stress": stress})["stress_sq"]))
+  stats.add(_summary([29], [0], 2.0))
+  want = np.sqrt(np.mean(np.square(np.array(stresses, np.float64))))
+  assert stats.summary()["stress_rms"] == pytest.approx(want, rel=1e-12)
+  assert statistics.SplitStatistics().summary()["stress_rms"] is None
+  without = statistics.SplitStatistics()
+  without.add(_summary([29], [0], 2.0))
+  assert without.summary()["stress_rms"] is None
