@@ -66,7 +66,9 @@ class TextbookEGNNLayer(egnn.EGNNLayer):
     return h + nn.Dense(d, name="update_out")(u), x
 
 
-def _batches(split, batch, multiple=1):
+def lips_batches(split, batch, multiple=1):
+  """(budget, 4 batches of `batch` structures); edge budgets are multiples
+  of `multiple` (point-cloud slots)."""
   sizes = split.sizes
   n_edge = int(np.sort(sizes[:, 1])[-batch:].sum())
   budget = batching.Budget(
@@ -91,25 +93,54 @@ RUNS = {
 }
 
 
-def _run(name, split, batch, steps, config):
-  """Steps of the trainer's own pieces: its task loss, optimizer and device
-  strategy (`config.mesh`, one device on a CPU)."""
+def lips_dataset(folder: str) -> dataset_io.Dataset:
+  """LiPS converted into `folder` with graph edges and point clouds (6 Å,
+  every neighbour; 16 slots per centre)."""
+  if not os.path.isdir(LIPS):
+    sys.exit(f"needs the LiPS fixture at {LIPS}")
+  spec = GraphSpec(cutoff=6.0, max_neighbors=0, representation="both",
+                   point_cloud=PointCloudSpec(cutoff=6.0, num_neighbors=16))
+  convert([f"train={LIPS}"], folder, task="s2ef", graph_spec=spec, workers=1,
+          progress=False)
+  return dataset_io.Dataset(folder)
+
+
+def lips_split(data: dataset_io.Dataset, name: str):
+  """The training split in the representation model `name` reads."""
+  return data.split("train", models.model_class(
+      RUNS[name]["name"]).representation)
+
+
+def make_step(name, split, batches, config, task=tasks.S2EF):
+  """The trainer's own pieces for model `name`: `task`'s loss, the
+  optimizer and the device strategy (`config.mesh`, one device on a CPU).
+
+  Returns:
+    (jitted train step, initial state, strategy, model).
+  """
   model = models.from_config(RUNS[name])
-  budget, batches = _batches(split, batch, RUNS[name].get("num_neighbors", 1))
+  loss_fn = task.make_loss(model, task.normalizer(split.statistics, model),
+                           config.loss)
+  optimizer = train_state.make_optimizer(config)
+  strategy = strategies.from_config(config)
+  state = strategy.create_state(
+      lambda rng: train_state.TrainState.create(
+          model.init(rng, batches[0]), optimizer), jax.random.PRNGKey(0))
+  step = strategy.make_train_step(loss_fn, optimizer,
+                                  config.optimizer.ema_decay)
+  return step, state, strategy, model
+
+
+def _run(name, split, batch, steps, config):
+  """Steps of the trainer's own pieces (see `make_step`)."""
+  budget, batches = lips_batches(split, batch,
+                                 RUNS[name].get("num_neighbors", 1))
   textbook = name.endswith("textbook")
   if textbook:
     egnn_layer = egnn.EGNNLayer
     egnn.EGNNLayer = TextbookEGNNLayer
   try:
-    loss_fn = tasks.S2EF.make_loss(
-        model, tasks.S2EF.normalizer(split.statistics, model), config.loss)
-    optimizer = train_state.make_optimizer(config)
-    strategy = strategies.from_config(config)
-    state = strategy.create_state(
-        lambda rng: train_state.TrainState.create(
-            model.init(rng, batches[0]), optimizer), jax.random.PRNGKey(0))
-    step = strategy.make_train_step(loss_fn, optimizer,
-                                    config.optimizer.ema_decay)
+    step, state, strategy, model = make_step(name, split, batches, config)
     placed = [strategy.place_train(b) for b in batches]
     memory = step.lower(state, placed[0]).compile().memory_analysis()
     t0 = time.perf_counter()
@@ -156,24 +187,16 @@ def main():
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--record", action="store_true")
   args = p.parse_args()
-  if not os.path.isdir(LIPS):
-    sys.exit(f"needs the LiPS fixture at {LIPS}")
   config = s2ef.get_config()
   config.train.num_steps = 1000
   results = {"workload": {"structures_per_batch": args.batch,
                           "structure": "LiPS cell, 83 atoms", "cutoff": 6.0},
              "runs": []}
   with tempfile.TemporaryDirectory() as tmp:
-    spec = GraphSpec(cutoff=6.0, max_neighbors=0, representation="both",
-                     point_cloud=PointCloudSpec(cutoff=6.0, num_neighbors=16))
-    convert([f"train={LIPS}"], os.path.join(tmp, "lips"), task="s2ef",
-            graph_spec=spec, workers=1, progress=False)
-    data = dataset_io.Dataset(os.path.join(tmp, "lips"))
+    data = lips_dataset(os.path.join(tmp, "lips"))
     for name in args.models:
-      reads = models.model_class(RUNS[name]["name"]).representation
-      split = data.split("train", reads)
-      results["runs"].append(_run(name, split, args.batch, args.steps,
-                                  config))
+      results["runs"].append(_run(name, lips_split(data, name), args.batch,
+                                  args.steps, config))
       print(json.dumps(results["runs"][-1]), flush=True)
   _results.report(
       "train_throughput", "Training throughput (S2EF with forces)", results,

@@ -19,9 +19,9 @@ padded batches), `tasks` (S2EF, IS2RE), `losses`, `metrics` (OC20
 metrics), `inputs` (a config's dataset and batches), `parallel` (meshes and
 sharded steps), `strategies` (device strategies), `ase` (calculator),
 `relax` (batched FIRE), `checkpoints` (the run folder and `load`),
-`config_files`, `train` (the training job) and `predict` (the prediction
-command). Attributes load on first use,
-so that `import matsci_jax` stays cheap.
+`config_files`, `train` (the training job), `finetune` (starting from a
+trained model) and `predict` (the prediction command). Attributes load on
+first use, so that `import matsci_jax` stays cheap.
 """
 
 from matsci_jax import _malloc
@@ -35,9 +35,9 @@ __version__ = "0.1.0"
 _NAMES = {
     # Modules.
     **{m: f"matsci_jax.{m}" for m in (
-        "ase", "checkpoints", "config_files", "data", "inputs", "losses",
-        "metrics", "models", "parallel", "predict", "relax", "strategies",
-        "tasks", "train")},
+        "ase", "checkpoints", "config_files", "data", "finetune", "inputs",
+        "losses", "metrics", "models", "parallel", "predict", "relax",
+        "strategies", "tasks", "train")},
     # A trained model.
     "load": "matsci_jax.checkpoints:load",
     "Trained": "matsci_jax.checkpoints:Trained",
@@ -46,6 +46,8 @@ _NAMES = {
     "make_energy_fn": "matsci_jax.energy:make_energy_fn",
     "make_atom_energies_fn": "matsci_jax.energy:make_atom_energies_fn",
     "make_energy_and_forces_fn": "matsci_jax.energy:make_energy_and_forces_fn",
+    "make_energy_forces_stress_fn":
+        "matsci_jax.energy:make_energy_forces_stress_fn",
     # Training pieces.
     "TrainState": "matsci_jax.train_state:TrainState",
     "make_optimizer": "matsci_jax.train_state:make_optimizer",

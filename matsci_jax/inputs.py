@@ -155,7 +155,10 @@ def training_task(sources: list[Source], task: Task, config) -> Task:
         f"config.loss.stress_weight is {config.loss.stress_weight} but no "
         f"training data has stress ({', '.join(s.label for s in sources)}); "
         "set it to 0 or convert data with stress")
-  return task.for_data(forces=with_forces or not task.forces,
+  labelled = any(s.has(task.energy_target, split) for s in sources)
+  # Unlabelled (test) splits keep every target, for the error that names
+  # what they lack.
+  return task.for_data(forces=with_forces or not labelled,
                        stress=with_stress)
 
 

@@ -53,6 +53,11 @@ def main(argv):
   result = train.train_and_evaluate(config, workdir)
   metrics = result["metrics"]
   lines = [f"finished step {result['step']} in {os.path.abspath(workdir)}"]
+  if result["init"] or result["frozen_params"]:
+    lines.append(f"  parameters: {result['trainable_params']:,} trainable, "
+                 f"{result['frozen_params']:,} frozen"
+                 + (f"; started from {result['init']['from']}"
+                    if result["init"] else ""))
   for name, value in sorted(metrics.items()):
     lines.append(f"  {name:28s} {value:.5g}")
   for split, base in result["baselines"].items():

@@ -23,9 +23,11 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
-from matsci_jax import (checkpoints, energy, inputs, metrics, models,
-                        monitoring, parallel, strategies, tasks, train_state)
+from matsci_jax import (checkpoints, energy, finetune, inputs, metrics,
+                        models, monitoring, parallel, strategies, tasks,
+                        train_state)
 from matsci_jax.config_checks import ConfigError, check_config  # noqa: F401
 from matsci_jax.data import dataset_io
 from matsci_jax.models import precision
@@ -189,10 +191,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   optimizer = train_state.make_optimizer(config)
   first = train_data.first()
 
+  # Fine-tuning and frozen parameters, checked from shapes before anything
+  # runs (ConfigError).
+  transfer = finetune.from_config(config, model, first)
+  trainable, frozen = finetune.freeze_counts(
+      jax.eval_shape(model.init, jax.random.PRNGKey(0), first),
+      train_state.freeze_patterns(config))
+
   def init(rng):
     init_rng, _ = jax.random.split(rng)  # A seed keeps its parameters.
-    return train_state.TrainState.create(model.init(init_rng, first),
-                                         optimizer)
+    params = model.init(init_rng, first)
+    if transfer is not None:
+      params = transfer.merge(params)
+    return train_state.TrainState.create(params, optimizer)
 
   state = strategy.create_state(init, jax.random.PRNGKey(config.train.seed))
   train_step = strategy.make_train_step(loss_fn, optimizer,
@@ -216,6 +227,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   train_iter = iter(train_data.dataset)
   state, resumed_from = _resume(ckpt, strategy, state, train_iter, run.path)
   writer = monitoring.MetricWriter(run.path)
+  if transfer is not None:
+    logging.info("%s", transfer.describe())
+  logging.info("parameters: %d trainable, %d frozen", trainable, frozen)
   log = monitoring.TrainLog(
       writer, train_state.learning_rate_schedule(config),
       strategy.batches_per_step * train_data.budget.n_node,
@@ -246,6 +260,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "step": final_step,
       "resumed_from_step": resumed_from,
       "num_params": num_params,
+      "trainable_params": trainable,
+      "frozen_params": frozen,
+      "init": transfer.summary() if transfer is not None else None,
       "devices": strategy.describe(),
       "metrics": eval_results,
       "baselines": {e.label: e.task.baselines(

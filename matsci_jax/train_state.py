@@ -33,6 +33,10 @@ class TrainState:
                ema_params=jax.tree_util.tree_map(jnp.copy, params))
 
 
+# Labels of `make_optimizer`'s two parameter groups.
+TRAINED, FROZEN = "trained", "frozen"
+
+
 def learning_rate_schedule(config) -> optax.Schedule:
   """Linear warm-up to `learning_rate`, then cosine decay to `end_factor`."""
   total = max(int(config.train.num_steps), 1)
@@ -44,12 +48,38 @@ def learning_rate_schedule(config) -> optax.Schedule:
       * config.optimizer.end_lr_factor)
 
 
+def freeze_patterns(config) -> tuple[str, ...]:
+  """`config.init.freeze`; () for configs without an `init` section."""
+  init = config.get("init")
+  return tuple(init.get("freeze", ())) if init is not None else ()
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW with the schedule above and global-norm gradient clipping."""
+  """AdamW with the schedule above and global-norm gradient clipping.
+
+  Parameters matching `config.init.freeze` (regular expressions of
+  parameter paths, see `matsci_jax.finetune`) get zero updates: neither
+  gradients nor weight decay move them, they take no part in the clipping
+  norm and hold no Adam moments. Configs without an `init` section train
+  every parameter.
+  """
   transforms = []
   if config.optimizer.clip_norm:
     transforms.append(optax.clip_by_global_norm(config.optimizer.clip_norm))
   transforms.append(optax.adamw(learning_rate_schedule(config),
                                 b1=config.optimizer.b1, b2=config.optimizer.b2,
                                 weight_decay=config.optimizer.weight_decay))
-  return optax.chain(*transforms)
+  optimizer = optax.chain(*transforms)
+  patterns = freeze_patterns(config)
+  if not patterns:
+    return optimizer
+  # Here, not above: finetune imports checkpoints, whose imports come back
+  # to this module.
+  from matsci_jax import finetune
+
+  def labels(params):
+    return jax.tree_util.tree_map(
+        lambda frozen: FROZEN if frozen else TRAINED,
+        finetune.frozen_mask(params, patterns))
+  return optax.partition({TRAINED: optimizer, FROZEN: optax.set_to_zero()},
+                         labels)

@@ -146,7 +146,9 @@ def apply_gradients(state: TrainState, grads, loss, terms: dict,
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
-  ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p,
+  # Written as a step towards p, so that a parameter that does not move
+  # (frozen) keeps its EMA bit for bit.
+  ema = jax.tree_util.tree_map(lambda e, p: e + (1 - decay) * (p - e),
                                state.ema_params, params)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

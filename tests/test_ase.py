@@ -10,10 +10,12 @@ import jax
 import numpy as np
 import pytest
 from ase.calculators.calculator import PropertyNotImplementedError
+from ase.filters import FrechetCellFilter
 
 from matsci_jax import checkpoints, monitoring, tasks
 from matsci_jax.ase import Calculator
 from matsci_jax.data import batching, dataset_io
+from matsci_jax.energy import Normalizer
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +79,50 @@ def test_is2re_model_has_no_forces(trained):
   assert np.isfinite(atoms.get_potential_energy())
   with pytest.raises(PropertyNotImplementedError, match="IS2RE"):
     atoms.get_forces()
+  with pytest.raises(PropertyNotImplementedError, match="IS2RE"):
+    atoms.get_stress()
+
+
+def test_cell_relaxation_with_frechet_cell_filter(trained):
+  """Positions and cell relax together on the model's stress; one
+  compilation per bucket."""
+  atoms = ase.build.bulk("Cu", "fcc", a=3.8, cubic=True)
+  strain = np.random.default_rng(0).uniform(-0.04, 0.04, (3, 3))
+  atoms.set_cell(atoms.cell.array @ (np.eye(3) + strain), scale_atoms=True)
+  atoms.rattle(0.05, seed=0)
+  calc = Calculator(trained)
+  atoms.calc = calc
+  cell, energy = atoms.cell.array.copy(), atoms.get_potential_energy()
+  stress = atoms.get_stress()
+  assert stress.shape == (6,) and np.abs(stress).max() > 1e-3
+  compiles = monitoring.compile_count()
+  opt = ase.optimize.FIRE(FrechetCellFilter(atoms), logfile=None)
+  opt.run(fmax=1e-4, steps=8)
+  assert opt.nsteps == 8
+  assert np.abs(atoms.cell.array - cell).max() > 1e-2
+  assert atoms.get_potential_energy() < energy - 1e-2
+  assert np.abs(atoms.get_stress()).max() < np.abs(stress).max()
+  assert monitoring.compile_count() - compiles <= 2 * len(calc.budgets)
+
+
+def test_source_picks_a_multi_source_models_energy_zero(trained):
+  norm = trained.normalizer
+  shifted = norm.replace(element_energies=norm.element_energies + 0.5)
+  multi = dataclasses.replace(trained, sources=("dft", "emt"),
+                              normalizer=Normalizer.stack([norm, shifted]))
+  atoms = _val_atoms(trained)[0]
+  results = {}
+  for source in (None, "dft", "emt"):
+    atoms.calc = Calculator(multi, source=source)
+    results[source] = (atoms.get_potential_energy(),
+                       atoms.get_forces(apply_constraint=False))
+  # The first source by default.
+  np.testing.assert_allclose(results[None][0], results["dft"][0], rtol=1e-6)
+  np.testing.assert_allclose(results["emt"][0] - results["dft"][0],
+                             0.5 * len(atoms), rtol=1e-4)
+  np.testing.assert_allclose(results["emt"][1], results["dft"][1],
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="no data source 'pbe'.*'dft', 'emt'"):
+    Calculator(multi, source="pbe")
+  with pytest.raises(ValueError, match="one dataset"):
+    Calculator(trained, source="dft")

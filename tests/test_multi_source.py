@@ -135,3 +135,31 @@ def test_energy_only_source_counts_no_forces(small_devset):
   # Its NaN forces would have been rejected; zeros stand in, masked.
   check = tasks.S2EF.target_check("val/mine")
   check(graph)
+
+
+def test_an_energy_only_source_trains_on_its_energies(small_devset,
+                                                      tmp_path):
+  import ase.io
+  from ase.calculators.singlepoint import SinglePointCalculator
+  frames = ase.io.read(small_devset / "raw" / "s2ef_train.extxyz", ":40")
+  for atoms in frames:
+    energy = atoms.get_potential_energy()
+    atoms.calc = SinglePointCalculator(atoms, energy=energy)
+  raw = tmp_path / "energies.extxyz"
+  ase.io.write(raw, frames)
+  energies = tmp_path / "energies"
+  converter.convert([str(raw)], str(energies), task="s2ef", workers=1,
+                    val_fraction=0.25, progress=False)
+  assert not dataset_io.Dataset(str(energies)).split("train").targets.get(
+      "forces")
+  config = _config({"slabs": small_devset / "s2ef",
+                    "energies": energies})
+  config.train.best_metric = "val/slabs/force_mae + val/energies/energy_mae"
+  config.train.num_steps = 20
+  config.train.eval_every = config.train.checkpoint_every = 20
+  result = train.train_and_evaluate(config, str(tmp_path / "run"))
+  m = result["metrics"]
+  assert np.isfinite(m["val/energies/energy_mae"])
+  assert "val/energies/force_mae" not in m
+  assert np.isfinite(m["val/slabs/force_mae"])
+  assert "zero_force_mae" not in result["baselines"]["val/energies"]
