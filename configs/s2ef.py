@@ -64,12 +64,13 @@ def get_config(model: str = "egnn") -> ml_collections.ConfigDict:
   # stress (e.g. the bulk dev set, configs/multi.py).
   config.loss.stress_weight = 0.0
 
-  # Fine-tuning: start from a trained model (a workdir or a step folder).
+  # Fine-tuning: start from a trained model (`checkpoint`: a workdir or a
+  # step folder of one).
   # Encoder parameters load, heads where names and shapes match; elements
   # the trained model never saw keep fresh embeddings. `freeze` holds
   # regular expressions of parameter paths ("layer_0/.*") kept fixed.
   config.init = ml_collections.ConfigDict()
-  config.init["from"] = ""
+  config.init.checkpoint = ""
   config.init.freeze = ()
 
   # Optimizer: AdamW, warm-up then cosine decay, clipping, EMA for eval.

@@ -4,7 +4,7 @@
     params = transfer.merge(model.init(rng, example))        # jit-safe
     print(transfer.describe())
 
-`config.init["from"]` names a training workdir or a checkpoint in it (what
+`config.init.checkpoint` names a training workdir or a checkpoint in it (what
 `checkpoints.load` accepts); its EMA parameters (what evaluation used)
 become the starting point:
 
@@ -191,7 +191,7 @@ class Pretrained:
         `model.head_modules`) missing on either side or of another shape;
         names the workdir, the parameter and both shapes.
     """
-    where = f"config.init.from = {self.path!r}"
+    where = f"config.init.checkpoint = {self.path!r}"
     name, there = model_name(model), self.model_config.get("name")
     if there != name:
       raise ConfigError(f"{where}: it holds model {there!r}, config.model "
@@ -321,7 +321,7 @@ class Transfer:
 
   def summary(self) -> dict:
     """Where from and `counts`, for metrics.json."""
-    return {"from": self.source.path, "step": self.source.step,
+    return {"checkpoint": self.source.path, "step": self.source.step,
             **self.counts()}
 
   def describe(self) -> str:
@@ -353,9 +353,9 @@ def load(path: str) -> Pretrained:
 
   Raises:
     ConfigError: `path` is no workdir or holds no checkpoint that
-      restores; names `config.init.from` and says why.
+      restores; names `config.init.checkpoint` and says why.
   """
-  where = f"config.init.from = {path!r}"
+  where = f"config.init.checkpoint = {path!r}"
   try:
     trained = checkpoints.load(path)
   except (checkpoints.CheckpointError, KeyError, ValueError) as e:
@@ -367,7 +367,7 @@ def load(path: str) -> Pretrained:
 
 
 def from_config(config, model, example) -> Transfer | None:
-  """The `Transfer` of `config.init["from"]` for `model`, checked; None
+  """The `Transfer` of `config.init.checkpoint` for `model`, checked; None
   when the config starts from random parameters (no `init` section, or an
   empty `from`).
 
@@ -375,7 +375,7 @@ def from_config(config, model, example) -> Transfer | None:
     ConfigError: see `load` and `Pretrained.check`.
   """
   init = config.get("init")
-  source = init.get("from", "") if init is not None else ""
+  source = init.get("checkpoint", "") if init is not None else ""
   if not source:
     return None
   return load(source).check(model, example)

@@ -56,7 +56,7 @@ def main(argv):
   if result["init"] or result["frozen_params"]:
     lines.append(f"  parameters: {result['trainable_params']:,} trainable, "
                  f"{result['frozen_params']:,} frozen"
-                 + (f"; started from {result['init']['from']}"
+                 + (f"; started from {result['init']['checkpoint']}"
                     if result["init"] else ""))
   for name, value in sorted(metrics.items()):
     lines.append(f"  {name:28s} {value:.5g}")

@@ -17,6 +17,7 @@ TINY_MODELS = ("egnn", "megnet", "gala")  # The models configs/test.py sizes.
 CONFIG_ARGS = {
     "s2ef.py": [None] + MODELS,
     "is2re.py": [None] + MODELS,
+    "multi.py": [None, "shared"],
     "test.py": ([None] + list(TINY_MODELS)
                 + [f"is2re,{m}" for m in TINY_MODELS]),
 }

@@ -167,7 +167,7 @@ def test_another_model_or_encoder_is_a_config_error(trained):
 
 
 def test_load_names_config_init_from(tmp_path):
-  with pytest.raises(ConfigError, match="config.init.from = .*not a "
+  with pytest.raises(ConfigError, match="config.init.checkpoint = .*not a "
                      "training workdir"):
     finetune.load(str(tmp_path))
 
@@ -295,7 +295,7 @@ def _lips_config(lips_dataset, init_from: str, num_steps: int):
   config.optimizer.learning_rate = 5e-3
   config.loss.force_loss = "mse"
   config.loss.energy_weight = 1.0
-  config.init["from"] = init_from
+  config.init.checkpoint = init_from
   return config
 
 
@@ -315,7 +315,7 @@ def test_finetuning_the_devset_model_beats_scratch_on_lips(
   for name, source in (("finetuned", str(trained_s2ef)), ("scratch", "")):
     results[name] = train.train_and_evaluate(
         _lips_config(lips_dataset, source, 50), str(tmp_path / name))
-  assert results["finetuned"]["init"]["from"] == str(trained_s2ef)
+  assert results["finetuned"]["init"]["checkpoint"] == str(trained_s2ef)
   assert results["scratch"]["init"] is None
   tuned, scratch = (results[k]["metrics"]["val/force_mae"]
                     for k in ("finetuned", "scratch"))

@@ -51,21 +51,26 @@ def test_examples_follow_the_spec():
     spec.example(s, "s2ef")
 
 
-def test_prediction_ignores_a_stress():
-  """EMT gives a 2D-periodic slab a stress, which a dataset refuses; an
-  example without stress (what prediction builds) neither checks nor
-  holds it."""
+def test_a_slab_stress_is_left_out():
+  """EMT gives a 2D-periodic slab a stress, which has no volume to refer
+  to: the reader leaves it out with a warning, and an example built for
+  prediction holds none."""
+  import dataclasses
+
   from ase.build import fcc111
   from ase.calculators.emt import EMT
 
   from matsci_jax.data.graphs import graph_from_atoms
-  from matsci_jax.data.structure import DataError
+  from matsci_jax.data.structure import DataError, StressIgnoredWarning
   slab = fcc111("Cu", (2, 2, 3), vacuum=5.0)
   slab.calc = EMT()
   slab.get_forces()
-  s = structure_from_atoms(slab, "<slab>", 0)
-  assert s.stress is not None and not slab.pbc.all()
+  with pytest.warns(StressIgnoredWarning, match="<slab>: stress left out"):
+    s = structure_from_atoms(slab, "<slab>", 0)
+  assert s.stress is None and not slab.pbc.all()
   example = graph_from_atoms(slab)
   assert "stress" not in example and example["forces"].shape == (12, 3)
+  # A Structure made by hand with such a stress is refused.
+  bad = dataclasses.replace(s, stress=np.zeros((3, 3)))
   with pytest.raises(DataError, match="a stress needs a cell periodic"):
-    GraphSpec().stored_example(s, "s2ef", stress=True)
+    GraphSpec().stored_example(bad, "s2ef", stress=True)
