@@ -111,6 +111,7 @@ NUMERIC_FIELDS = {
         "devset_num_systems": _integer(2),
         "bulk_devset_num_structures": _integer(2),
         "sampling_temperature": _real(0),
+        "train_fraction": _real(0, 1, low_open=True),
     },
     "model": {
         "cutoff": _real(0, low_open=True),

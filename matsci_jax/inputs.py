@@ -252,6 +252,40 @@ class MixedSource:
     return self.sources[s][i - self.offsets[s]]
 
 
+class SubsetSource:
+  """The structures `indices` of a data source."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self.source = source
+    self.indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> dict:
+    return self.source[int(self.indices[i])]
+
+
+def subset(split: dataset_io.Split, fraction: float,
+           seed: int) -> dataset_io.Split:
+  """A seeded `fraction` of a split's structures (at least one).
+
+  Subsets are nested: for one seed, every structure of a smaller fraction
+  is in every larger one (each takes a prefix of the same permutation),
+  so a data-scaling study adds data rather than drawing new data. The
+  split's statistics (its normaliser) stay those of the whole split.
+  """
+  if fraction >= 1.0:
+    return split
+  n = len(split)
+  keep = max(1, int(round(fraction * n)))
+  order = np.random.default_rng([seed, n]).permutation(n)
+  indices = np.sort(order[:keep])
+  return dataclasses.replace(split, source=SubsetSource(split.source,
+                                                        indices),
+                             sizes=split.sizes[indices])
+
+
 def _tagged_split(sources: list[Source], index: int, name: str,
                   representation: str) -> dataset_io.Split:
   """Split `name` of source `index`, tagged when there are several."""
@@ -271,12 +305,17 @@ def training_split(sources: list[Source], data_config, spec: GraphSpec
   """The training split of all sources, and the sampler that draws it by
   the sources' weights (None for one source, which is shuffled whole).
 
+  `data_config.train_fraction` (default 1) keeps a seeded, nested fraction
+  of each source's training structures (see `subset`).
+
   With several sources, the split's structures run source by source
   (`MixedSource`), its statistics are empty (each source keeps its own,
   `Source.dataset`), and its targets are those any source has.
   """
   name = data_config.train_split
-  splits = [_tagged_split(sources, i, name, spec.representation)
+  fraction = data_config.get("train_fraction", 1.0)
+  splits = [subset(_tagged_split(sources, i, name, spec.representation),
+                   fraction, data_config.seed)
             for i in range(len(sources))]
   if len(sources) == 1:
     return splits[0], None
@@ -362,6 +401,18 @@ class Batches:
   budget: batching.Budget
   dataset: object
   plan: pipeline.BatchPlan
+
+  def seen(self, items: int) -> tuple[int, int]:
+    """Structures and atoms that the first `items` items of the plan (steps
+    of this process) hold, over all processes."""
+    structures = atoms = 0
+    for k in range(items):
+      item = self.plan[k]
+      for indices in (item if isinstance(item, tuple) else (item,)):
+        structures += len(indices)
+        atoms += int(self.split.sizes[indices, 0].sum())
+    procs = jax.process_count()
+    return structures * procs, atoms * procs
 
   def first(self):
     """The first batch alone (unstacked), e.g. to initialise a model."""

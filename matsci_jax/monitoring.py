@@ -120,12 +120,18 @@ class TrainLog:
     host_metrics: reduces fetched metrics to one value each (see
       `strategies.Strategy.host_metrics`).
     compiles_at_start: the compile count the logged count starts from.
+    flops_per_step: the training step's FLOPs over all devices (XLA's
+      cost analysis), or None; gives model FLOP/s.
+    peak_flops: the devices' peak FLOP/s, or None; gives MFU.
   """
 
   def __init__(self, writer: MetricWriter, schedule, nodes_per_step: int,
                num_steps: int, start: int, progress: bool,
                latest_checkpoint, host_metrics=lambda m: m,
-               compiles_at_start: int = 0):
+               compiles_at_start: int = 0,
+               flops_per_step: float | None = None,
+               peak_flops: float | None = None):
+    self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
     self._clock = time.perf_counter
     self.writer, self.schedule = writer, schedule
     self.nodes_per_step = nodes_per_step
@@ -187,6 +193,11 @@ class TrainLog:
           "perf/padding_efficiency_nodes": atoms / (
               len(timed) * self.nodes_per_step),
       })
+      if self.flops_per_step:
+        flops = self.flops_per_step * len(timed) / elapsed
+        scalars["perf/model_flops_per_s"] = flops
+        if self.peak_flops:
+          scalars["perf/mfu"] = flops / self.peak_flops
     self.writer.write(step, scalars)
     self.bar.set_postfix(
         loss=f"{scalars['train/loss']:.4g}",

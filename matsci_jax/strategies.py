@@ -77,6 +77,23 @@ class Strategy:
     """`fn(ema params, placed batch) -> metric sums over all devices`."""
     raise NotImplementedError
 
+  def step_flops(self, train_step: Callable, state: TrainState,
+                 batch) -> float | None:
+    """FLOPs of one training step over all devices, from XLA's cost
+    analysis of the lowered step (no compilation), or None where the
+    backend gives none."""
+    try:
+      cost = train_step.lower(state, self.place_train(batch)).cost_analysis()
+    except Exception:  # Best effort: cost analysis is optional in XLA.
+      return None
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return None if flops is None else float(flops) * self._flops_copies
+
+  # The lowered program holds the whole step (jit) or one device's (pmap).
+  _flops_copies = 1
+
   def place_train(self, batch):
     """A training batch from the pipeline, placed for `make_train_step`."""
     raise NotImplementedError
@@ -148,6 +165,10 @@ class JitStrategy(Strategy):
 class PmapStrategy(Strategy):
   """`jax.pmap` over the local devices, the state replicated on each."""
   name = "pmap"
+
+  @property
+  def _flops_copies(self) -> int:
+    return jax.device_count()
 
   def create_state(self, init, rng):
     return parallel.replicate(jax.jit(init)(rng))

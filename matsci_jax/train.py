@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import time
 from typing import Any
 
 import jax
@@ -25,11 +26,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from matsci_jax import (checkpoints, energy, finetune, inputs, metrics,
-                        models, monitoring, parallel, strategies, tasks,
-                        train_state)
+from matsci_jax import (accelerators, checkpoints, energy, finetune, inputs,
+                        metrics, models, monitoring, parallel, strategies,
+                        tasks, train_state)
 from matsci_jax.config_checks import ConfigError, check_config  # noqa: F401
-from matsci_jax.data import dataset_io
+from matsci_jax.data import dataset_io, pipeline
 from matsci_jax.models import precision
 from matsci_jax.monitoring import NonFiniteLossError  # noqa: F401
 
@@ -208,6 +209,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   state = strategy.create_state(init, jax.random.PRNGKey(config.train.seed))
   train_step = strategy.make_train_step(loss_fn, optimizer,
                                         config.optimizer.ema_decay)
+  flops_per_step = strategy.step_flops(
+      train_step, state, first if strategy.batches_per_step == 1 else
+      pipeline.stack([first] * strategy.batches_per_step))
   eval_step = strategy.make_eval_step(
       task.make_eval_step(loss_fn, config.loss.free_atoms_only))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
@@ -236,7 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       config.train.num_steps, int(strategy.host_state(state).step),
       config.train.progress_bar,
       lambda: f"{ckpt.latest_step()} in {run.path}", strategy.host_metrics,
-      compiles_at_start)
+      compiles_at_start, flops_per_step,
+      accelerators.mesh_peak_flops(config.get("precision", "float32")))
 
   def run_evaluation(step, params):
     results = {f"{d.label}/{k}": v for d in eval_data for k, v in
@@ -244,6 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     writer.write(step, results)
     return results
 
+  started = time.perf_counter()
   try:
     state, eval_results, warm_compiles = _train_loop(
         config.train, state, train_iter, train_step, strategy, log, ckpt,
@@ -252,6 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     log.close()
     ckpt.wait()
 
+  train_seconds = time.perf_counter() - started
   final_step = int(strategy.host_state(state).step)
   if not eval_results or final_step != config.train.num_steps:
     eval_results = run_evaluation(final_step, state.ema_params)
@@ -269,6 +276,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           e.split, train_statistics[sources.index(e.source)],
           config.loss.free_atoms_only) for e in evals},
       "train_budget": dataclasses.asdict(train_data.budget),
+      "train_structures": len(train_split),
+      "flops_per_step": flops_per_step,
+      "seen": dict(zip(("structures", "atoms"),
+                       train_data.seen(final_step))),
+      "train_seconds": train_seconds,
+      "device_kind": jax.devices()[0].device_kind,
       "padding_efficiency": efficiency,
       "compiles_total": compiles - compiles_at_start,
       "recompiles_after_warmup": (compiles - warm_compiles

@@ -44,6 +44,11 @@ def test_test_config_lowers_the_loss(small_devset, tmp_path):
   saved = json.load(open(tmp_path / "metrics.json"))
   assert saved["step"] == 40 and saved["recompiles_after_warmup"] == 0
   assert saved["compiles_total"] > 0  # The counter sees compilations.
+  # What a scaling study records: XLA's FLOPs of the step (model FLOP/s in
+  # the log) and the structures and atoms the 40 steps trained on.
+  assert saved["flops_per_step"] > 1e6
+  assert saved["seen"]["structures"] >= 40 and saved["seen"]["atoms"] > (
+      10 * saved["seen"]["structures"])
   m = result["metrics"]
   assert m["val/num_structures"] > 0 and np.isfinite(m["val/force_mae"])
   assert {"val/energy_mae", "val/force_mae", "val/force_cos",
@@ -52,7 +57,8 @@ def test_test_config_lowers_the_loss(small_devset, tmp_path):
   metrics = {r["metric"]
              for r in csv.DictReader(open(tmp_path / "metrics.csv"))}
   assert {"train/learning_rate", "perf/structures_per_s", "perf/atoms_per_s",
-          "perf/padding_efficiency_nodes", "perf/compiles"} <= metrics
+          "perf/padding_efficiency_nodes", "perf/compiles",
+          "perf/model_flops_per_s"} <= metrics
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["30", "40"]
   assert len(os.listdir(tmp_path / "best")) == 1
   # The loaded model reproduces the final evaluation (EMA parameters).
@@ -251,3 +257,19 @@ def test_structure_level_model_needs_tags_in_every_split(tmp_path):
   with pytest.raises(DatasetError, match=r"split\(s\) val have structures "
                      "without OC20 tags"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_train_fraction_keeps_nested_seeded_subsets(small_devset):
+  data = dataset_io.Dataset(str(small_devset / "s2ef"))
+  split = data.split("train")
+  kept = {f: inputs.subset(split, f, seed=0) for f in (0.25, 0.5, 1.0)}
+  assert kept[1.0] is split
+  assert len(kept[0.25]) == round(0.25 * len(split))
+  small, large = (set(kept[f].source.indices.tolist()) for f in (0.25, 0.5))
+  assert small < large  # Nested.
+  assert set(inputs.subset(split, 0.25, seed=1).source.indices.tolist()) != (
+      small)
+  i = int(kept[0.5].source.indices[3])
+  np.testing.assert_array_equal(kept[0.5].source[3]["positions"],
+                                split.source[i]["positions"])
+  np.testing.assert_array_equal(kept[0.5].sizes[3], split.sizes[i])
