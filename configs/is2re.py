@@ -28,6 +28,7 @@ def get_config(model: str = "egnn"):
   # EGNN and MegNet sat at the element-reference fit for hundreds of steps.
   config.data.batch_size = 32
   config.optimizer.learning_rate = 2e-3
+  config.optimizer.clip_norm = 10.0
   config.optimizer.warmup_steps = 50
   config.train.num_steps = 800
   config.train.eval_every = 200
