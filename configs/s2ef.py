@@ -48,6 +48,8 @@ def get_config(model: str = "egnn") -> ml_collections.ConfigDict:
   config.data.num_workers = 0  # grain worker processes (0: threads only)
   config.data.prefetch = 2
   config.data.seed = 0
+  # A seeded, nested fraction of the training structures (scaling studies).
+  config.data.train_fraction = 1.0
 
   # Model (see configs/models.py).
   config.model = models.model_config(model, "s2ef")

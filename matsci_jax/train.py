@@ -145,30 +145,66 @@ def _normalizer(sources: list[inputs.Source],
     raise ConfigError(f"{', '.join(s.label for s in sources)}: {e}") from e
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
-  """Trains and evaluates a model; returns the final metrics.
+@dataclasses.dataclass
+class Job:
+  """A training job's pieces, built once from a config (`build`).
 
-  Args:
-    config: see configs/s2ef.py.
-    workdir: folder for checkpoints and logs; a run started again with the
-      same workdir resumes from its latest checkpoint.
+  Attributes:
+    task: the task with the targets the data carries.
+    sources: the data sources.
+    model: the Flax module (in the config's precision).
+    spec: the graph settings batches are built with.
+    normalizer: maps model outputs to energies (one entry per source).
+    train_statistics: each source's training-split statistics.
+    evals: every evaluation split of every source.
+    strategy: the device strategy.
+    train_data, eval_data: padded batches of the training split and of
+      each evaluation split.
+    transfer: what a fine-tuning run loads (None: fresh parameters).
+    trainable, frozen: numbers of trainable and frozen parameter scalars.
+    state: the initial training state, on the devices.
+    train_step, eval_step: the strategy's jitted steps.
+    flops_per_step: FLOPs of one training step over all devices (XLA's
+      cost analysis), or None.
+  """
+  task: tasks.Task
+  sources: list
+  model: Any
+  spec: Any
+  normalizer: energy.Normalizer
+  train_statistics: list
+  evals: list
+  strategy: strategies.Strategy
+  train_data: inputs.Batches
+  eval_data: list
+  transfer: Any
+  trainable: int
+  frozen: int
+  state: Any
+  train_step: Any
+  eval_step: Any
+  flops_per_step: float | None
 
-  Returns:
-    The dict also written to `workdir/metrics.json`.
+  @property
+  def num_params(self) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
+        self.strategy.host_state(self.state).params))
+
+
+def build(config: ml_collections.ConfigDict) -> Job:
+  """Everything a run of `config` trains with, before any step: data,
+  model, normaliser, device strategy, initial state and steps (the state
+  is created on the devices; nothing is compiled but its initialisation).
+
+  Call after `check_config` and `parallel.initialize_distributed`.
 
   Raises:
-    ConfigError, DatasetError, NonFiniteLossError.
+    ConfigError, DatasetError.
   """
-  check_config(config)
-  parallel.initialize_distributed(config)
-  compiles_at_start = monitoring.compile_count()
-  run = checkpoints.RunFolder(workdir).create()
-  task = tasks.get(config.data.task)
-
   # Data and model: the sources' datasets, the model's representation of
   # them, one padded shape per split, a normaliser per source from its
   # training statistics.
+  task = tasks.get(config.data.task)
   sources = inputs.open_sources(config, task)
   task = inputs.training_task(sources, task, config)
   model = precision.apply(models.from_config(config.model, len(sources)),
@@ -185,7 +221,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   eval_data = [inputs.batches(e.split, config.data, spec, task, train=False,
                               per_step=strategy.eval_batches_per_step,
                               label=e.label) for e in evals]
-  efficiency = train_data.plan.efficiency(0)
 
   # State and steps, built once.
   loss_fn = task.make_loss(model, normalizer, config.loss)
@@ -214,12 +249,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       pipeline.stack([first] * strategy.batches_per_step))
   eval_step = strategy.make_eval_step(
       task.make_eval_step(loss_fn, config.loss.free_atoms_only))
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
-      strategy.host_state(state).params))
+  return Job(task, sources, model, spec, normalizer, train_statistics, evals,
+             strategy, train_data, eval_data, transfer, trainable, frozen,
+             state, train_step, eval_step, flops_per_step)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Trains and evaluates a model; returns the final metrics.
+
+  Args:
+    config: see configs/s2ef.py.
+    workdir: folder for checkpoints and logs; a run started again with the
+      same workdir resumes from its latest checkpoint.
+
+  Returns:
+    The dict also written to `workdir/metrics.json`.
+
+  Raises:
+    ConfigError, DatasetError, NonFiniteLossError.
+  """
+  check_config(config)
+  parallel.initialize_distributed(config)
+  compiles_at_start = monitoring.compile_count()
+  run = checkpoints.RunFolder(workdir).create()
+  job = build(config)
+  strategy, train_data, sources = job.strategy, job.train_data, job.sources
+  efficiency = train_data.plan.efficiency(0)
+  num_params = job.num_params
   elements = set()
-  for stats in train_statistics:
+  for stats in job.train_statistics:
     elements.update(int(z) for z in stats.get("element_counts") or {})
-  run.write_model(config.model, task, normalizer, spec,
+  run.write_model(config.model, job.task, job.normalizer, job.spec,
                   sources[0].dataset.folder, num_params, elements,
                   sources=[(s.name, s.dataset.folder) for s in sources
                            if s.name])
@@ -229,30 +290,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   ckpt = run.checkpoints(config.train.keep_checkpoints,
                          config.train.best_metric)
   train_iter = iter(train_data.dataset)
-  state, resumed_from = _resume(ckpt, strategy, state, train_iter, run.path)
+  state, resumed_from = _resume(ckpt, strategy, job.state, train_iter,
+                                run.path)
   writer = monitoring.MetricWriter(run.path)
-  if transfer is not None:
-    logging.info("%s", transfer.describe())
-  logging.info("parameters: %d trainable, %d frozen", trainable, frozen)
+  if job.transfer is not None:
+    logging.info("%s", job.transfer.describe())
+  logging.info("parameters: %d trainable, %d frozen", job.trainable,
+               job.frozen)
   log = monitoring.TrainLog(
       writer, train_state.learning_rate_schedule(config),
       strategy.batches_per_step * train_data.budget.n_node,
       config.train.num_steps, int(strategy.host_state(state).step),
       config.train.progress_bar,
       lambda: f"{ckpt.latest_step()} in {run.path}", strategy.host_metrics,
-      compiles_at_start, flops_per_step,
+      compiles_at_start, job.flops_per_step,
       accelerators.mesh_peak_flops(config.get("precision", "float32")))
 
   def run_evaluation(step, params):
-    results = {f"{d.label}/{k}": v for d in eval_data for k, v in
-               evaluate(eval_step, params, d, strategy).items()}
+    results = {f"{d.label}/{k}": v for d in job.eval_data for k, v in
+               evaluate(job.eval_step, params, d, strategy).items()}
     writer.write(step, results)
     return results
 
   started = time.perf_counter()
   try:
     state, eval_results, warm_compiles = _train_loop(
-        config.train, state, train_iter, train_step, strategy, log, ckpt,
+        config.train, state, train_iter, job.train_step, strategy, log, ckpt,
         run_evaluation)
   finally:
     log.close()
@@ -267,17 +330,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "step": final_step,
       "resumed_from_step": resumed_from,
       "num_params": num_params,
-      "trainable_params": trainable,
-      "frozen_params": frozen,
-      "init": transfer.summary() if transfer is not None else None,
+      "trainable_params": job.trainable,
+      "frozen_params": job.frozen,
+      "init": job.transfer.summary() if job.transfer is not None else None,
       "devices": strategy.describe(),
       "metrics": eval_results,
       "baselines": {e.label: e.task.baselines(
-          e.split, train_statistics[sources.index(e.source)],
-          config.loss.free_atoms_only) for e in evals},
+          e.split, job.train_statistics[sources.index(e.source)],
+          config.loss.free_atoms_only) for e in job.evals},
       "train_budget": dataclasses.asdict(train_data.budget),
-      "train_structures": len(train_split),
-      "flops_per_step": flops_per_step,
+      "train_structures": len(train_data.split),
+      "flops_per_step": job.flops_per_step,
       "seen": dict(zip(("structures", "atoms"),
                        train_data.seen(final_step))),
       "train_seconds": train_seconds,

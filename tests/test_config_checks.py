@@ -22,6 +22,11 @@ CONFIG_ARGS = {
                 + [f"is2re,{m}" for m in TINY_MODELS]),
 }
 
+# Sweep configs (`python -m matsci_jax.scaling sweep`) are not training
+# configs: the config of every run they plan (their base with the run's
+# overrides) must pass instead.
+SWEEP_CONFIGS = ("scaling.py", "scaling_paper.py")
+
 
 def _spec(name, arg):
   return f"configs/{name}" + ("" if arg is None else f":{arg}")
@@ -31,7 +36,14 @@ def test_every_config_file_is_covered():
   folder = os.path.join(REPO, "configs")
   files = {f for f in os.listdir(folder) if f.endswith(".py")
            and "def get_config" in open(os.path.join(folder, f)).read()}
-  assert files == set(CONFIG_ARGS), "add the new config file to CONFIG_ARGS"
+  assert files == set(CONFIG_ARGS) | set(SWEEP_CONFIGS), (
+      "add the new config file to CONFIG_ARGS (or SWEEP_CONFIGS)")
+
+
+@pytest.mark.parametrize("name", SWEEP_CONFIGS)
+def test_sweep_configs_plan_runs_that_pass(name):
+  from matsci_jax.scaling import sweep
+  assert sweep.plan(config_files.load(f"configs/{name}"))  # Checks each run.
 
 
 @pytest.mark.parametrize("spec", [_spec(name, arg)

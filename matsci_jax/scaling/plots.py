@@ -104,6 +104,9 @@ def plot_slice(path: str, fit: dict, metric: str) -> str:
     ax.set_title(f"At the largest model, N = {value:,.0f} parameters",
                  fontsize=9)
   _finish(ax, metric)
+  # A wide bootstrap band (few points) must not hide the points.
+  low, high = min(points["loss"]), max(points["loss"])
+  ax.set_ylim(low / 2, high * 2)
   if fit["axis"] == "data":
     _plain(ax.xaxis, ",.0f")  # After set_xscale, which resets formatters.
   return _save(fig, path)
