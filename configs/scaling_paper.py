@@ -42,11 +42,7 @@ model first (runs of wider models usually need smaller ones).
 
 import ml_collections
 
-
-def _dotted(fields: dict) -> ml_collections.ConfigDict:
-  """Dotted field names as keys, kept in the order given."""
-  return ml_collections.ConfigDict(fields, allow_dotted_keys=True,
-                                   sort_keys=False)
+from matsci_jax.config_files import dotted as _dotted
 
 
 def get_config() -> ml_collections.ConfigDict:

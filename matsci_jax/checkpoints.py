@@ -304,6 +304,10 @@ class Checkpoints:
         custom_metadata=metadata)
     if eval_results and all(name in eval_results for _, name in
                             best_metric_terms(self.best_metric)):
+      if jax.process_count() > 1:
+        # Two managers finishing at once across processes can meet in the
+        # same orbax barrier ("already ongoing") and time out.
+        self._finish(self.latest)
       self._save(self.best, step, ocp.args.Composite(
           state=ocp.args.StandardSave(state)), metrics=eval_results,
           custom_metadata=metadata)

@@ -55,3 +55,10 @@ def load(spec: str) -> ml_collections.ConfigDict:
       return module.get_config(arg) if arg else module.get_config()
   raise FileNotFoundError(f"no config file {path} in {os.getcwd()} or "
                           f"{_CHECKOUT}")
+
+
+def dotted(fields: dict) -> ml_collections.ConfigDict:
+  """A ConfigDict keyed by dotted field names ("model.hidden_dim"), in the
+  order given (the grids and overrides of sweep configs)."""
+  return ml_collections.ConfigDict(fields, allow_dotted_keys=True,
+                                   sort_keys=False)
