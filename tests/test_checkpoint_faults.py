@@ -297,7 +297,9 @@ def test_checksums_of_arrays_split_over_eight_devices(tmp_path):
   """Saved from a 2x4 mesh, checked on restore onto one device and onto
   the mesh; a mismatch is caught."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", WORKDIR=str(tmp_path),
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+             XLA_FLAGS="--xla_force_host_platform_device_count=8"
+             " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+             " --xla_cpu_collective_timeout_seconds=600")
   proc = subprocess.run([sys.executable, "-c", _SHARDED], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]

@@ -12,9 +12,17 @@ from matsci_jax import parallel
 from tests.conftest import REPO
 
 
+# Fake devices are threads: on two cores shared with another test worker,
+# some of them can reach a collective long after the others, past XLA's
+# default timeout, which aborts the process.
+_SLOW_COLLECTIVES = (" --xla_cpu_collective_call_terminate_timeout_seconds=600"
+                     " --xla_cpu_collective_timeout_seconds=600")
+
+
 def _run_checks(name: str, devices: int = 8) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+             + _SLOW_COLLECTIVES)
   out = subprocess.run([sys.executable, "-m", "tests.multi_device_checks",
                         name], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=900)
@@ -88,7 +96,8 @@ def _free_port() -> int:
 def _two_processes(args) -> list[str]:
   """Runs `args(i)` as processes 0 and 1 with 4 fake devices each."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+             XLA_FLAGS="--xla_force_host_platform_device_count=4"
+             + _SLOW_COLLECTIVES)
   procs = [subprocess.Popen([sys.executable] + args(i), cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True) for i in range(2)]
