@@ -28,3 +28,13 @@ def install() -> None:
 
 
 install()
+
+
+def to_varying(x, axes: tuple[str, ...]):
+  """Marks a value replicated over mesh `axes` as device-local inside
+  `shard_map` (`jax.lax.pcast` in newer jax, `pvary` before)."""
+  if not axes:
+    return x
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, axes, to="varying")
+  return jax.lax.pvary(x, axes)

@@ -57,6 +57,11 @@ class Calculator(ase_calculator.Calculator):
     node_multiple, edge_multiple, growth: the padding ladder (see
       `batching.bucket_budget`); point-cloud edge sizes are also multiples
       of the model's slots per centre.
+    mesh: a `jax.sharding.Mesh` to split each structure's edges over (for
+      structures whose edges do not fit one device; see
+      `Trained.on_devices`); None: one device.
+    edge_chunk: edges per chunk of each layer's edge work, bounding memory
+      on a device (`EnergyModel.edge_chunk`); 0: all at once.
 
   Raises:
     ValueError: `source` is not one of the model's sources.
@@ -65,12 +70,17 @@ class Calculator(ase_calculator.Calculator):
   def __init__(self, model, *, checkpoint: str | int = "best",
                precision: str | None = None, source: str | None = None,
                node_multiple: int = 16, edge_multiple: int = 256,
-               growth: float = 1.25, **kwargs):
+               growth: float = 1.25, mesh=None, edge_chunk: int = 0,
+               **kwargs):
     super().__init__(**kwargs)
     trained = (model if isinstance(model, checkpoints.Trained) else
                checkpoints.load(model, checkpoint=checkpoint,
                                 precision=precision))
-    self.trained = trained if source is None else trained.for_source(source)
+    if source is not None:
+      trained = trained.for_source(source)
+    if mesh is not None or edge_chunk:
+      trained = trained.on_devices(mesh, edge_chunk)
+    self.trained = trained
     slots = self.trained.graph_spec.edge_multiple
     self._ladder = dict(
         node_multiple=node_multiple,

@@ -355,6 +355,8 @@ class Trained:
       energies have different zeros, and may have their own heads).
     source: the index of the source whose energies it predicts (see
       `for_source`).
+    mesh: devices its energy functions split each batch's edges over (see
+      `on_devices`); None: one device.
   """
   model: Any
   params: Any
@@ -368,6 +370,7 @@ class Trained:
   elements: tuple[int, ...] | None = None
   sources: tuple[str, ...] = ()
   source: int = 0
+  mesh: Any = None
   _warned: set = dataclasses.field(default_factory=set, init=False,
                                    repr=False, compare=False)
 
@@ -420,6 +423,26 @@ class Trained:
           f"{', '.join(map(repr, self.sources)) or 'none (one dataset)'}")
     return dataclasses.replace(self, source=self.sources.index(name))
 
+  def on_devices(self, mesh: jax.sharding.Mesh | None = None,
+                 edge_chunk: int = 0) -> "Trained":
+    """This model for structures too large for one device or one pass.
+
+    Args:
+      mesh: split each batch's edges over the devices of this mesh, atoms
+        replicated (`energy.shard_edges`); None: one device.
+      edge_chunk: edges per chunk of each layer's edge work on a device, to
+        bound its memory (`EnergyModel.edge_chunk`); 0: all at once.
+
+    Results equal the one-device ones up to floating-point rounding.
+    """
+    params = self.params
+    if mesh is not None:  # Replicated on the mesh's devices.
+      params = jax.device_put(params, jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec()))
+    return dataclasses.replace(
+        self, model=self.model.clone(edge_chunk=int(edge_chunk)),
+        params=params, mesh=mesh)
+
   def _on_source(self, fn: Callable) -> Callable:
     """`fn` with each batch's structures marked as `source`'s, unless
     the batch names its sources."""
@@ -439,7 +462,8 @@ class Trained:
   @property
   def energy_fn(self) -> Callable:
     """`energy_fn(params, graph) -> float32 [n_graph]` energies in eV."""
-    return self._on_source(make_energy_fn(self.model, self.normalizer))
+    return self._on_source(make_energy_fn(self.model, self.normalizer,
+                                          mesh=self.mesh))
 
   @property
   def atom_energies(self) -> Callable:
@@ -453,8 +477,8 @@ class Trained:
 
     Energies are [n_graph] in eV, forces [n_node, 3] in eV/Å.
     """
-    return self._on_source(make_energy_and_forces_fn(self.model,
-                                                     self.normalizer))
+    return self._on_source(make_energy_and_forces_fn(
+        self.model, self.normalizer, mesh=self.mesh))
 
   @property
   def energy_forces_stress(self) -> Callable:
@@ -463,8 +487,8 @@ class Trained:
     Stress is [n_graph, 3, 3] in eV/Å^3 (ASE's sign convention), the
     strain derivative of the energy; zero for structures without a cell.
     """
-    return self._on_source(make_energy_forces_stress_fn(self.model,
-                                                        self.normalizer))
+    return self._on_source(make_energy_forces_stress_fn(
+        self.model, self.normalizer, mesh=self.mesh))
 
 
 def _locate(path: str) -> tuple[str, str | None, int | None]:

@@ -228,13 +228,18 @@ def make_atom_energies_fn(model, normalizer: Normalizer) -> Callable:
   return atom_energies
 
 
-def make_energy_fn(model, normalizer: Normalizer) -> Callable:
+def make_energy_fn(model, normalizer: Normalizer, *,
+                   mesh: jax.sharding.Mesh | None = None) -> Callable:
   """Returns `energy_fn(params, graph, positions=None) -> float32 [n_graph]`.
 
   Structure energies in eV (zero on padding graphs). Models give per-atom
   outputs [n_node], or per-structure outputs [n_graph] when they have
-  `per_graph_output = True` (non-extensive readouts).
+  `per_graph_output = True` (non-extensive readouts). With `mesh`, edges
+  are split over its devices (`shard_edges`) and the function takes
+  `(params, graph)` only.
   """
+  if mesh is not None:
+    return shard_edges(make_energy_fn, model, normalizer, mesh)
 
   per_graph = model.per_graph_output
 
@@ -264,12 +269,23 @@ def make_energy_fn(model, normalizer: Normalizer) -> Callable:
   return energy_fn
 
 
-def make_energy_and_forces_fn(model, normalizer: Normalizer) -> Callable:
+def make_energy_and_forces_fn(model, normalizer: Normalizer, *,
+                              mesh: jax.sharding.Mesh | None = None
+                              ) -> Callable:
   """Returns `fn(params, graph) -> (energies [n_graph], forces [n_node, 3])`.
 
   Forces are minus the gradient of the summed energy: every atom's force
   depends only on its own structure's energy, so one backward pass gives all.
+
+  Args:
+    model: an `EnergyModel`.
+    normalizer: its targets' `Normalizer`.
+    mesh: split each batch's edges over all devices of this mesh, atoms
+      replicated (`shard_edges`), for structures whose edges do not fit one
+      device; None runs on one device.
   """
+  if mesh is not None:
+    return shard_edges(make_energy_and_forces_fn, model, normalizer, mesh)
   energy_fn = make_energy_fn(model, normalizer)
 
   def energy_and_forces(params, graph):
@@ -291,7 +307,9 @@ def cell_volumes(graph) -> jax.Array:
   return jnp.abs(jnp.linalg.det(graph.globals["cell"].astype(jnp.float32)))
 
 
-def make_energy_forces_stress_fn(model, normalizer: Normalizer) -> Callable:
+def make_energy_forces_stress_fn(model, normalizer: Normalizer, *,
+                                 mesh: jax.sharding.Mesh | None = None
+                                 ) -> Callable:
   """Returns `fn(params, graph) -> (energies [n_graph], forces [n_node, 3],
   stress [n_graph, 3, 3])`.
 
@@ -302,7 +320,10 @@ def make_energy_forces_stress_fn(model, normalizer: Normalizer) -> Callable:
   so edges to periodic images, built from the stored integer cell shifts,
   deform with them. Forces and stress come from one `jax.grad` call.
   Structures without a cell (volume 0) and padding get zero stress.
+  `mesh` splits edges over devices as in `make_energy_and_forces_fn`.
   """
+  if mesh is not None:
+    return shard_edges(make_energy_forces_stress_fn, model, normalizer, mesh)
   energy_fn = make_energy_fn(model, normalizer)
 
   def energy_forces_stress(params, graph):
@@ -329,3 +350,53 @@ def make_energy_forces_stress_fn(model, normalizer: Normalizer) -> Callable:
     return energies, forces, stress
 
   return energy_forces_stress
+
+
+def edges_per_row(model) -> int:
+  """Edges that must stay together on a device: a point-cloud model's K
+  slots of a centre, else 1."""
+  return int(model.num_neighbors) if model.representation == "point_cloud" \
+      else 1
+
+
+def shard_edges(make_fn: Callable, model, normalizer: Normalizer,
+                mesh: jax.sharding.Mesh) -> Callable:
+  """`make_fn(model, normalizer)`'s function with edges split over `mesh`.
+
+  Inside `jax.shard_map` every device holds the parameters and all atoms,
+  and a contiguous slice of the edges (padded with masked edges to a whole
+  number per device, whole point-cloud rows each); the model sums its edge
+  work locally and then over all mesh axes (`models.edge_sums`), so every
+  device computes the same energies, and `jax.grad` brings the forces'
+  per-device parts together through the transpose of those sums. Memory per
+  device is that of all atoms plus its share of the edges.
+
+  Args:
+    make_fn: `make_energy_and_forces_fn` or another factory of
+      `fn(params, graph)` whose outputs are per structure or per atom.
+    model: the `EnergyModel`.
+    normalizer: its `Normalizer`.
+    mesh: the devices; edges split over all its axes.
+
+  Returns:
+    `fn(params, graph)` with the outputs of the unsharded function,
+    replicated on the mesh's devices.
+  """
+  from matsci_jax.models import edge_sums  # Models import this module.
+
+  axes = tuple(mesh.axis_names)
+  fn = make_fn(model.clone(edge_axis=axes), normalizer)
+  multiple = mesh.size * edges_per_row(model)
+  replicated = jax.sharding.PartitionSpec()
+  split = jax.sharding.PartitionSpec(axes)
+
+  def sharded(params, graph):
+    graph = edge_sums.pad_edges(graph, multiple)
+    specs = graph._replace(
+        nodes=replicated, edges=split, globals=replicated,
+        senders=split, receivers=split, n_node=replicated,
+        n_edge=replicated)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(replicated, specs),
+                         out_specs=replicated)(params, graph)
+
+  return sharded

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from matsci_jax import _compat
 from matsci_jax import train_step as train_step_lib
 from matsci_jax.data import pipeline
 from matsci_jax.train_state import TrainState
@@ -152,11 +153,7 @@ def _gather(params, dims) -> Any:
 def _to_varying(x, axes: tuple[str, ...]):
   """Marks a replicated value as device-local, so that its gradient is not
   summed over `axes` implicitly (we sum once, explicitly)."""
-  if not axes:
-    return x
-  if hasattr(jax.lax, "pcast"):
-    return jax.lax.pcast(x, axes, to="varying")
-  return jax.lax.pvary(x, axes)
+  return _compat.to_varying(x, axes)
 
 
 stack_batches = pipeline.stack

@@ -273,12 +273,67 @@ def check_two_processes(process_id: str, port: str) -> dict:
               ref_state.opt_state))}
 
 
+def relative_error(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def check_edges() -> dict:
+  """Edges split over 8 devices (and in chunks there) against one device:
+  energies, forces and stress of every model, and memory per device."""
+  from ase.build import bulk
+
+  from matsci_jax.energy import (make_energy_and_forces_fn,
+                                 make_energy_forces_stress_fn)
+  from tests.models.test_models import CASES, CUTOFF, _model, _structures
+  mesh = parallel.make_mesh(data=8)
+  norm = Normalizer(scale=jnp.float32(1.0), shift=jnp.float32(0.1),
+                    element_energies=jnp.zeros(119, jnp.float32))
+  cell = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+  cell.rattle(0.05, seed=2)
+  out = {}
+  # Between them, every kind of edge work (EGNN messages, MEGNet edge
+  # states and Set2Set edge pooling, GALA rows) and stress.
+  for case in ("egnn", "megnet_set2set", "gala"):
+    graph_kwargs = CASES[case][1]
+    graph = batch_examples([graph_from_atoms(a, CUTOFF, None, **graph_kwargs)
+                            for a in _structures() + [cell]])
+    model = _model(case)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), graph)
+    make = (make_energy_forces_stress_fn if case == "egnn"
+            else make_energy_and_forces_fn)
+    reference = jax.jit(make(model, norm))(params, graph)
+    chunk = 3 * graph_kwargs.get("num_neighbors", 8)
+    for name, m in (("split", model), ("split_chunked",
+                                       model.clone(edge_chunk=chunk))):
+      got = jax.jit(make(m, norm, mesh=mesh))(params, graph)
+      out[f"{case}/{name}"] = {
+          key: relative_error(g, r) for key, g, r in zip(
+              ("energy", "forces", "stress"), got, reference)}
+      out[f"{case}/{name}"]["force_scale"] = float(
+          np.abs(np.asarray(reference[1])).max())
+  # Memory per device: all atoms, an eighth of the edges.
+  big = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(4)
+  big.rattle(0.05, seed=0)
+  graph = batch_examples([graph_from_atoms(big, 6.0, None)])
+  model = models.get("egnn", hidden_dim=64, num_layers=3, cutoff=6.0)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), graph)
+  temp = {}
+  for name, m in (("one_device", None), ("split", mesh)):
+    fn = jax.jit(make_energy_and_forces_fn(model, norm, mesh=m))
+    temp[name] = fn.lower(params, graph).compile().memory_analysis(
+    ).temp_size_in_bytes
+  out["temp_bytes"] = temp
+  return out
+
+
 CHECKS = {"step": check_step, "checkpoint": check_checkpoint,
-          "train": check_train, "two_processes": check_two_processes}
+          "train": check_train, "two_processes": check_two_processes,
+          "edges": check_edges}
 
 if __name__ == "__main__":
   check = CHECKS[sys.argv[1]]
-  if check is check_step:
+  if check in (check_step, check_edges):
     print(json.dumps(check()))
   elif check is check_two_processes:
     print(json.dumps(check(*sys.argv[2:4])))

@@ -126,3 +126,18 @@ def test_source_picks_a_multi_source_models_energy_zero(trained):
     Calculator(multi, source="pbe")
   with pytest.raises(ValueError, match="one dataset"):
     Calculator(trained, source="dft")
+
+
+def test_edges_over_a_mesh_and_in_chunks_give_the_same_results(trained):
+  from matsci_jax import parallel
+  atoms = _val_atoms(trained)[0]
+  results = []
+  for kwargs in ({}, dict(mesh=parallel.make_mesh(data=1), edge_chunk=256)):
+    atoms.calc = Calculator(trained, **kwargs)
+    results.append((atoms.get_potential_energy(),
+                    atoms.get_forces(apply_constraint=False)))
+  assert atoms.calc.trained.mesh is not None
+  assert atoms.calc.trained.model.edge_chunk == 256
+  np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+  np.testing.assert_allclose(results[1][1], results[0][1], atol=1e-5)
+  assert np.abs(results[0][1]).max() > 1e-3

@@ -53,6 +53,22 @@ def test_step_equals_the_single_device_step(step_results, strategy):
   assert r["ema"] < 1e-3 * step_results["reference_update"], r
 
 
+def test_edges_split_over_devices_equal_one_device():
+  """Energies, forces and stress with each structure's edges split over 8
+  devices (atoms replicated), and also in chunks there."""
+  results = _run_checks("edges")
+  temp = results.pop("temp_bytes")
+  assert len(results) == 6
+  for name, errors in results.items():
+    assert errors["force_scale"] > 1e-4, name  # Not trivially equal.
+    for key in ("energy", "forces", "stress"):
+      if key in errors:
+        assert errors[key] < 1e-5, (name, key, errors)
+  assert "stress" in results["egnn/split"]
+  # Each device holds an eighth of the edges' activations.
+  assert temp["split"] < temp["one_device"] / 4, temp
+
+
 def test_fsdp_splits_the_parameters(step_results):
   r = step_results["fsdp"]
   assert r["sharded_arrays"] >= 4

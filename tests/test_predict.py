@@ -265,3 +265,35 @@ def test_a_model_of_several_sources_predicts_the_chosen_one(
   truth = np.array([reader[i].energy for i in range(len(reader))])
   assert (np.abs(outputs["lips"] - truth).mean()
           < np.abs(outputs["slabs"] - truth).mean())
+
+
+def test_edges_split_over_two_devices_predict_the_same(trained_s2ef,
+                                                       tmp_path):
+  """`--devices 2 --edge-chunk`: each batch's edges over two (simulated)
+  devices, in chunks; the same numbers as one device, one pass."""
+  trained = checkpoints.load(trained_s2ef)
+  raw = os.path.join(os.path.dirname(trained.dataset), "raw",
+                     "s2ef_val.extxyz")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  tables = {}
+  for name, extra in (("one", []), ("split", ["--devices=2",
+                                              "--edge-chunk=300"]),
+                      ("too_many", ["--devices=3"])):
+    out = tmp_path / f"{name}.csv"
+    run = subprocess.run(
+        [sys.executable, "-m", "matsci_jax.predict",
+         f"--checkpoint={trained_s2ef}", f"--input={raw}", f"--output={out}",
+         f"--submission={tmp_path / name}.npz", "--batch_size=4", *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    if name == "too_many":
+      assert run.returncode != 0
+      assert "--devices=3, but 2 CPU device(s) are present" in run.stderr
+      continue
+    assert run.returncode == 0, run.stderr[-3000:]
+    tables[name] = ([float(r["energy"]) for r in csv.DictReader(open(out))],
+                    np.load(tmp_path / f"{name}.npz")["forces"])
+  (e1, f1), (e2, f2) = tables["one"], tables["split"]
+  assert len(e1) >= 8
+  np.testing.assert_allclose(e2, e1, rtol=1e-5)
+  assert np.linalg.norm(f2 - f1) < 1e-5 * np.linalg.norm(f1)

@@ -30,19 +30,62 @@ import jax.numpy as jnp
 import jraph
 
 from matsci_jax import _compat  # noqa: F401  (jraph needs it)
-from matsci_jax.models import geometry, registry, remat
+from matsci_jax.models import edge_sums, geometry, registry, remat
+
+
+def _messages(layer: "EGNNLayer", edges: dict, h_receiver: jax.Array,
+              h_sender: jax.Array) -> tuple[dict, None]:
+  """The layer's per-edge work on some of the edges, summed into atoms.
+
+  Args:
+    layer: the calling `EGNNLayer` (its parameters are created here).
+    edges: senders, receivers [n]; features [n, 1 + num_radial]; envelope
+      [n]; vectors [n, 3] with a coordinate update.
+    h_receiver, h_sender: per-atom halves of the first message layer
+      [n_node, hidden_dim].
+
+  Returns:
+    ({"messages": [n_node, hidden_dim], "positions": [n_node, 3] with a
+    coordinate update}, None): float32 sums over the given edges.
+  """
+  act = getattr(jax.nn, layer.activation)
+  d = layer.hidden_dim
+  n_node = h_receiver.shape[0]
+  receivers, envelope = edges["receivers"], edges["envelope"][:, None]
+  dense = functools.partial(nn.Dense, dtype=layer.dtype)
+  h_edge = dense(d, use_bias=False, name="message_edge")(edges["features"])
+  m = act(h_receiver[receivers] + h_sender[edges["senders"]] + h_edge)
+  # Float32 from here: the envelope is float32, and so are the sums.
+  m = act(dense(d, name="message_out")(m)) * envelope
+  # Receivers are sorted (centre-major edges, batched in order).
+  sums = {"messages": jax.ops.segment_sum(
+      m, receivers, num_segments=n_node, indices_are_sorted=True)}
+  if layer.coordinate_update:
+    w = dense(1, name="coord_out")(act(dense(d, name="coord")(m)))
+    # The envelope: biases must not act beyond the cutoff.
+    w = w.astype(jnp.float32) * envelope
+    sums["positions"] = jax.ops.segment_sum(
+        edges["vectors"] * w, receivers, num_segments=n_node,
+        indices_are_sorted=True)
+  return sums, None
 
 
 class EGNNLayer(nn.Module):
-  """One message-passing layer; returns updated (features, positions)."""
+  """One message-passing layer; returns updated (features, positions).
+
+  The edge work runs through `edge_sums.scan_edges`: at once, in chunks of
+  `edge_chunk` edges, or on this device's edges of `edge_axis`.
+  """
   hidden_dim: int
   activation: str
   avg_num_neighbors: float
   coordinate_update: bool
   dtype: Any = jnp.float32
+  edge_chunk: int = 0
+  edge_axis: str | tuple[str, ...] | None = None
 
   @nn.compact
-  def __call__(self, h, x, vectors, edge_features, envelope, graph):
+  def __call__(self, h, x, edges, node_mask):
     act = getattr(jax.nn, self.activation)
     d = self.hidden_dim
     n_node = h.shape[0]
@@ -50,21 +93,15 @@ class EGNNLayer(nn.Module):
     dense = functools.partial(nn.Dense, dtype=self.dtype)
     h_receiver = dense(d, name="message_receiver")(h)
     h_sender = dense(d, use_bias=False, name="message_sender")(h)
-    h_edge = dense(d, use_bias=False, name="message_edge")(edge_features)
-    m = act(h_receiver[graph.receivers] + h_sender[graph.senders] + h_edge)
-    # Float32 from here: the envelope is float32, and so are the sums.
-    m = act(dense(d, name="message_out")(m)) * envelope[:, None]
-    # Receivers are sorted (centre-major edges, batched in order).
-    agg = jax.ops.segment_sum(m, graph.receivers, num_segments=n_node,
-                              indices_are_sorted=True)
-    agg = agg / self.avg_num_neighbors
+    init = {"messages": jnp.zeros((n_node, d), jnp.float32)}
     if self.coordinate_update:
-      w = dense(1, name="coord_out")(act(dense(d, name="coord")(m)))
-      w = w.astype(jnp.float32)
-      w = w * envelope[:, None]  # Biases must not act beyond the cutoff.
-      dx = jax.ops.segment_sum(vectors * w, graph.receivers,
-                               num_segments=n_node, indices_are_sorted=True)
-      x = x - dx / self.avg_num_neighbors * graph.nodes["mask"][:, None]
+      init["positions"] = jnp.zeros((n_node, 3), jnp.float32)
+    sums, _ = edge_sums.scan_edges(
+        self, _messages, init, edges, (h_receiver, h_sender),
+        chunk=self.edge_chunk, axis=self.edge_axis)
+    agg = sums["messages"] / self.avg_num_neighbors
+    if self.coordinate_update:
+      x = x - sums["positions"] / self.avg_num_neighbors * node_mask[:, None]
     u = act(dense(d, name="update_self")(h)
             + dense(d, use_bias=False, name="update_message")(agg))
     return h + dense(d, name="update_out")(u).astype(h.dtype), x
@@ -120,21 +157,31 @@ class EGNN(registry.EnergyModel):
     h = nn.Embed(self.num_species, self.hidden_dim, name="embed")(
         graph.nodes["atomic_numbers"])
 
+    chunk = edge_sums.chunk_size(self.edge_chunk, graph.senders.shape[0])
+    if chunk:
+      graph = edge_sums.pad_edges(graph, chunk)
+
     def edge_terms(x):
       edge = geometry.edge_geometry(x, graph, self.cutoff)
       rbf = e3nn.bessel(edge.d, self.num_radial, x_max=self.cutoff)
       features = jnp.concatenate([(edge.d2 / self.cutoff**2)[:, None], rbf],
                                  -1)
-      return edge.vectors, features, edge.envelope
+      terms = dict(senders=graph.senders, receivers=graph.receivers,
+                   features=features, envelope=edge.envelope)
+      if self.coordinate_update:
+        terms["vectors"] = edge.vectors
+      return terms
 
-    terms = edge_terms(x)
+    edges = edge_terms(x)
     layer = remat.wrap(EGNNLayer, self.remat)
     for i in range(self.num_layers):
       if self.coordinate_update and i > 0:
-        terms = edge_terms(x)
+        edges = edge_terms(x)
       h, x = layer(self.hidden_dim, self.activation,
                    self.avg_num_neighbors, self.coordinate_update,
-                   dtype=self.dtype, name=f"layer_{i}")(h, x, *terms, graph)
+                   dtype=self.dtype, edge_chunk=chunk,
+                   edge_axis=self.edge_axis, name=f"layer_{i}")(
+                       h, x, edges, graph.nodes["mask"])
     dense = functools.partial(nn.Dense, dtype=self.dtype)
     out = dense(self.num_heads, name="readout_out")(
         act(dense(self.readout_hidden, name="readout")(h)))

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import jraph
 
 from matsci_jax import _compat  # noqa: F401  (jraph needs it)
-from matsci_jax.models import geometry, registry, remat
+from matsci_jax.models import edge_sums, geometry, registry, remat
 
 
 def _smooth_norm(x2: jax.Array, eps: float = 1e-4) -> jax.Array:
@@ -190,7 +190,8 @@ class Gala(registry.EnergyModel):
     num_species: one-hot size for atom types.
     pairs_per_chunk: slot pairs per chunk of rows in each block (see the
       module docstring); 0 processes all rows at once, which is fastest
-      where memory is plentiful (accelerators).
+      where memory is plentiful (accelerators). A nonzero `edge_chunk`
+      (slots per chunk, whole rows) takes its place.
     remat: with all rows at once, rematerialise each block with this
       policy (see `models.remat`).
     dtype: computation dtype of the dense layers (jnp.bfloat16 for mixed
@@ -243,8 +244,11 @@ class Gala(registry.EnergyModel):
     h = (dense(self.hidden_dim, name="embed_center")(onehot_c)[:, None]
          + dense(self.hidden_dim, use_bias=False,
                  name="embed_neighbor")(onehot_n)).astype(jnp.float32)
-    chunk_rows = max(1, self.pairs_per_chunk // (used * used)) \
-        if self.pairs_per_chunk else 0
+    if self.edge_chunk:  # Whole rows of about edge_chunk slots.
+      chunk_rows = max(1, self.edge_chunk // k)
+    else:
+      chunk_rows = max(1, self.pairs_per_chunk // (used * used)) \
+          if self.pairs_per_chunk else 0
     fields = dict(hidden_dim=self.hidden_dim, dilation=self.dilation,
                   cutoff=self.cutoff, dtype=self.dtype)
     for i in range(self.depth):
@@ -260,6 +264,9 @@ class Gala(registry.EnergyModel):
     energy = energy.astype(jnp.float32)
     # Padding rows belong to the padding node, which the node mask removes.
     n_node = z.shape[0]
-    per_atom = jax.ops.segment_sum(energy, center, num_segments=n_node,
-                                   indices_are_sorted=True)
+    # Rows are independent: with edges split over devices, each centre's
+    # row is on one device, and this is the only sum across them.
+    per_atom = edge_sums.complete(jax.ops.segment_sum(
+        energy, center, num_segments=n_node, indices_are_sorted=True),
+        self.edge_axis)
     return self.heads_output(per_atom * graph.nodes["mask"][:, None])

@@ -51,12 +51,21 @@ class EnergyModel(nn.Module):
       (`config.model.heads = "per_source"`); with more than one, outputs
       gain a last axis [..., num_heads] and `matsci_jax.energy` picks each
       structure's head by its source.
+    edge_chunk: edges per chunk of each layer's edge work (0: all at once).
+      Chunks bound activation memory for structures whose edges do not fit
+      in one pass; results do not depend on it (`models.edge_sums`).
+    edge_axis: inside `jax.shard_map`, the mesh axes a batch's edges are
+      split over, atoms replicated; sums over edges are completed across
+      it. Set by `matsci_jax.energy.shard_edges`, None elsewhere.
   """
   representation: ClassVar[str] = "graph"
   head_modules: ClassVar[tuple[str, ...]] = ()
   # Keyword-only: subclass fields keep their places in the constructor.
   dtype: Any = kw_only_dataclasses.field(default=jnp.float32, kw_only=True)
   num_heads: int = kw_only_dataclasses.field(default=1, kw_only=True)
+  edge_chunk: int = kw_only_dataclasses.field(default=0, kw_only=True)
+  edge_axis: str | tuple[str, ...] | None = kw_only_dataclasses.field(
+      default=None, kw_only=True)
 
   def heads_output(self, out: jax.Array) -> jax.Array:
     """A head layer's output [n, num_heads] as the contract's [n] (one
