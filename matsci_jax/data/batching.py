@@ -15,7 +15,6 @@ import dataclasses
 import math
 from typing import Sequence
 
-import jax
 import jraph
 import numpy as np
 
@@ -192,20 +191,22 @@ _GRAPH_DTYPES = {"energy": np.float32, "energy_relaxed": np.float32,
                  "has_stress": np.bool_}
 
 
-def _as_graph(ex: dict) -> jraph.GraphsTuple:
-  return jraph.GraphsTuple(
-      nodes={k: ex[k] for k in NODE_FIELDS if k in ex},
-      edges={k: ex[k] for k in EDGE_FIELDS if k in ex},
-      globals={k: np.asarray(ex[k], _GRAPH_DTYPES.get(k))[None]
-               for k in GRAPH_FIELDS if k in ex},
-      senders=ex["senders"], receivers=ex["receivers"],
-      n_node=np.asarray([ex["atomic_numbers"].shape[0]], np.int32),
-      n_edge=np.asarray([ex["senders"].shape[0]], np.int32))
+def _padded(parts: Sequence[np.ndarray], size: int) -> np.ndarray:
+  """`parts` concatenated into an array of `size` rows, zero-padded: one
+  copy of each part, whatever its size."""
+  dtype = np.result_type(*parts)
+  out = np.zeros((size,) + parts[0].shape[1:], dtype)
+  np.concatenate(parts, out=out[:sum(len(p) for p in parts)])
+  return out
 
 
 def collate(examples: Sequence[dict], budget: Budget,
             template: dict | None = None) -> jraph.GraphsTuple:
   """Batches stored examples into one padded `jraph.GraphsTuple` (numpy).
+
+  The layout is jraph's (`batch_np` then `pad_with_graphs`), written in one
+  pass: each field is copied once into its padded array, and node indices
+  stay int32.
 
   Args:
     examples: decoded examples (dicts of numpy arrays, see `schema`); may be
@@ -232,24 +233,54 @@ def collate(examples: Sequence[dict], budget: Budget,
     if len(examples) > budget.n_graph - 1:
       raise BudgetError(f"{len(examples)} structures exceed the graph budget "
                         f"of {budget.n_graph - 1}")
-    batch = jraph.batch_np([_as_graph(ex) for ex in examples])
-  else:
-    if template is None:
-      raise ValueError("an empty batch needs a template example")
-    one = _as_graph(template)
-    batch = jax.tree_util.tree_map(lambda x: x[:0], one)
+  elif template is None:
+    raise ValueError("an empty batch needs a template example")
+  if budget.n_graph < 2:
+    raise BudgetError(f"a budget needs a padding graph, but n_graph is "
+                      f"{budget.n_graph}")
+  first = examples[0] if examples else template
   num_graphs = len(examples)
-  real_nodes = int(np.sum(batch.n_node))
-  real_edges = int(np.sum(batch.n_edge))
-  padded = jraph.pad_with_graphs(batch, budget.n_node, budget.n_edge,
-                                 budget.n_graph)
-  nodes = dict(padded.nodes, mask=np.arange(budget.n_node) < real_nodes)
+  n_node = [ex["atomic_numbers"].shape[0] for ex in examples]
+  n_edge = [ex["senders"].shape[0] for ex in examples]
+  real_nodes, real_edges = sum(n_node), sum(n_edge)
+  pad_graphs = budget.n_graph - num_graphs - 1
+
+  def rows(k, graph_field=False):
+    """The examples' rows of field k (an empty batch: none of the
+    template's, which still give the dtype)."""
+    as_rows = ((lambda v: np.asarray(v, _GRAPH_DTYPES.get(k))[None])
+               if graph_field else np.asarray)
+    return [as_rows(ex[k]) for ex in examples] or [as_rows(template[k])[:0]]
+
+  nodes = {k: _padded(rows(k), budget.n_node)
+           for k in NODE_FIELDS if k in first}
+  edges = {k: _padded(rows(k), budget.n_edge)
+           for k in EDGE_FIELDS if k in first}
+  globals_ = {k: _padded(rows(k, graph_field=True), budget.n_graph)
+              for k in GRAPH_FIELDS if k in first}
+  # Node indices of each graph's edges shift by the nodes before it;
+  # padding edges join the first padding node (index real_nodes) to itself.
+  senders = np.full(budget.n_edge, real_nodes, np.int32)
+  receivers = np.full(budget.n_edge, real_nodes, np.int32)
+  node_offset = edge_offset = 0
+  for ex, nn, ne in zip(examples, n_node, n_edge):
+    np.add(ex["senders"], node_offset,
+           out=senders[edge_offset:edge_offset + ne], casting="unsafe")
+    np.add(ex["receivers"], node_offset,
+           out=receivers[edge_offset:edge_offset + ne], casting="unsafe")
+    node_offset += nn
+    edge_offset += ne
+  n_node = np.asarray(n_node + [budget.n_node - real_nodes] + [0] * pad_graphs,
+                      np.int32)
+  n_edge = np.asarray(n_edge + [budget.n_edge - real_edges] + [0] * pad_graphs,
+                      np.int32)
+  nodes["mask"] = np.arange(budget.n_node) < real_nodes
   nodes["graph"] = np.repeat(np.arange(budget.n_graph, dtype=np.int32),
-                             padded.n_node)
-  edges = dict(padded.edges, mask=np.arange(budget.n_edge) < real_edges)
+                             n_node)
+  edges["mask"] = np.arange(budget.n_edge) < real_edges
   if "slot_mask" in edges:  # Point clouds: empty neighbour slots are padding.
     edges["mask"] = edges["mask"] & edges.pop("slot_mask")
-  globals_ = dict(padded.globals, mask=np.arange(budget.n_graph) < num_graphs)
+  globals_["mask"] = np.arange(budget.n_graph) < num_graphs
   for k in ("sid", "fid"):  # jax would silently truncate int64 ids.
     if k in globals_:
       ids = globals_[k]
@@ -257,8 +288,6 @@ def collate(examples: Sequence[dict], budget: Budget,
       if ids.size and (ids.max() > info.max or ids.min() < info.min):
         raise ValueError(f"{k} values exceed the int32 range")
       globals_[k] = ids.astype(np.int32)
-  return padded._replace(nodes=nodes, edges=edges, globals=globals_,
-                         senders=padded.senders.astype(np.int32),
-                         receivers=padded.receivers.astype(np.int32),
-                         n_node=padded.n_node.astype(np.int32),
-                         n_edge=padded.n_edge.astype(np.int32))
+  return jraph.GraphsTuple(nodes=nodes, edges=edges, globals=globals_,
+                           senders=senders, receivers=receivers,
+                           n_node=n_node, n_edge=n_edge)

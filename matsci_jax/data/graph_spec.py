@@ -22,7 +22,7 @@ from matsci_jax.data.structure import Structure, validate
 
 GRAPH, POINT_CLOUD, BOTH = schema.REPRESENTATIONS
 _NO_EDGES = Edges(np.zeros(0, np.int32), np.zeros(0, np.int32),
-                  np.zeros((0, 3), np.int32), np.zeros(0))
+                  np.zeros((0, 3), np.int32), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +163,7 @@ class GraphSpec:
     s = validate(s)
     edges = (_NO_EDGES if self.representation == POINT_CLOUD else
              neighbor_list(s.positions, s.cell, s.pbc, self.cutoff,
-                           self.max_neighbors))
+                           self.max_neighbors, distances=False))
     slots = None
     if self.point_cloud is not None:
       pc = self.point_cloud

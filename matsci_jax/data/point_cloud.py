@@ -60,25 +60,25 @@ def point_cloud(s: Structure, cutoff: float, num_neighbors: int,
   """
   centers = select_centers(s.tags, bulk_samples, rng)
   if edges is None:
-    edges = neighbor_list(s.positions, s.cell, s.pbc, cutoff, num_neighbors)
-  n = s.num_atoms
-  # Edges are sorted by centre then distance: slot = rank within the centre.
-  counts = np.bincount(edges.receivers, minlength=n)
-  rank = np.arange(len(edges.receivers)) - np.repeat(np.cumsum(counts)
-                                                     - counts, counts)
-  keep = rank < num_neighbors
-  receivers, rank = edges.receivers[keep], rank[keep]
+    edges = neighbor_list(s.positions, s.cell, s.pbc, cutoff, num_neighbors,
+                          distances=False)
+  k = num_neighbors
+  # Edges are sorted by centre then distance: a centre's slots are its
+  # first (up to K) edges, which start where its edges start.
+  counts = np.bincount(edges.receivers, minlength=s.num_atoms)
+  starts = (np.cumsum(counts) - counts)[centers]
+  filled = np.minimum(counts[centers], k)
+  slot = np.arange(int(filled.sum())) - np.repeat(np.cumsum(filled) - filled,
+                                                  filled)
+  src = np.repeat(starts, filled) + slot
+  dst = np.repeat(np.arange(len(centers)) * k, filled) + slot
   # Empty slots point at the centre itself (a zero vector), masked out.
-  slots_j = np.repeat(np.arange(n, dtype=np.int32)[:, None], num_neighbors, 1)
-  slots_s = np.zeros((n, num_neighbors, 3), np.int32)
-  slots_m = np.zeros((n, num_neighbors), bool)
-  slots_j[receivers, rank] = edges.senders[keep]
-  slots_s[receivers, rank] = edges.cell_shifts[keep]
-  slots_m[receivers, rank] = True
-  c = len(centers)
-  return PointCloud(
-      senders=slots_j[centers].reshape(-1),
-      receivers=np.repeat(centers, num_neighbors).astype(np.int32),
-      cell_shifts=slots_s[centers].reshape(c * num_neighbors, 3),
-      mask=slots_m[centers].reshape(-1),
-      centers=centers)
+  senders = np.repeat(centers, k).astype(np.int32)
+  senders[dst] = edges.senders[src]
+  shifts = np.zeros((len(senders), 3), np.int32)
+  shifts[dst] = edges.cell_shifts[src]
+  mask = np.zeros(len(senders), bool)
+  mask[dst] = True
+  return PointCloud(senders=senders,
+                    receivers=np.repeat(centers, k).astype(np.int32),
+                    cell_shifts=shifts, mask=mask, centers=centers)

@@ -6,12 +6,21 @@ source. Arrays keep the dtype they will be stored with; positions and cell stay
 float64 until they are written, so that neighbour lists are computed on the
 values the source holds.
 
-Bounds on one structure, far above any real entry (OC20 entries have fewer
-than 500 atoms and 25,000 stored edges, at most 50 per centre) and below
-what would exhaust memory; an entry beyond them is damaged or crafted:
+Bounds on one structure, above any real entry (OC20 entries have fewer than
+500 atoms and 25,000 stored edges, at most 50 per centre; a million-atom
+supercell has about 80 pairs per atom within 6 Å) and below what would
+exhaust memory; an entry beyond them is damaged or crafted:
 
-* `MAX_ATOMS` (10**6): atoms per structure.
-* `MAX_EDGES` (10**8): stored edges (`edge_index` columns) per structure.
+* `MAX_ATOMS` (2**21): atoms per structure, a million-atom supercell
+  rounded up to whole unit cells with room to spare.
+* `max_edges(n)`: edges (stored `edge_index` columns, or neighbour pairs a
+  cell would give) of a structure of n atoms: `MAX_EDGES` (10**8) or
+  `MAX_EDGES_PER_ATOM` (500) per atom, whichever is larger. 500 pairs per
+  atom within 6 Å is three times the density of diamond, the densest solid;
+  a small cell asking for more is crafted (pairs grow as atoms squared over
+  the volume), while a large structure may have as many edges as its atoms
+  need. MAX_ATOMS * MAX_EDGES_PER_ATOM < 2**31, so edge indices and counts
+  fit int32.
 * `MIN_DISTANCE` (1e-6 Å): atoms closer than this, periodic images
   included, are one atom written twice.
 
@@ -35,9 +44,16 @@ import numpy as np
 # for an all-bulk one.
 TAG_UNKNOWN = -1
 
-MAX_ATOMS = 10**6
+MAX_ATOMS = 2**21
 MAX_EDGES = 10**8
+MAX_EDGES_PER_ATOM = 500
 MIN_DISTANCE = 1e-6
+
+
+def max_edges(num_atoms: int) -> int:
+  """The most edges (or neighbour pairs) a structure of `num_atoms` atoms
+  may have: `MAX_EDGES`, or `MAX_EDGES_PER_ATOM` per atom if more."""
+  return max(MAX_EDGES, MAX_EDGES_PER_ATOM * int(num_atoms))
 
 
 class DataError(ValueError):
@@ -126,7 +142,7 @@ def validate(s: Structure) -> Structure:
 
   Checks shapes, finiteness of positions, cell and targets, atomic numbers
   in 1..118, a non-singular cell along periodic directions, at most
-  `MAX_ATOMS` atoms and `MAX_EDGES` stored edges, and that no two atoms (or
+  `MAX_ATOMS` atoms and `max_edges` stored edges, and that no two atoms (or
   an atom and another's periodic image) are closer than `MIN_DISTANCE`.
   Targets may be missing (test splits) but, when present, must be finite
   and well shaped; a stress needs a cell periodic in all three directions.
@@ -143,10 +159,10 @@ def validate(s: Structure) -> Structure:
   if n > MAX_ATOMS:
     fail(f"{n:,} atoms, more than the {MAX_ATOMS:,} a structure may have "
          "(structure.MAX_ATOMS); the entry is damaged")
-  if s.edge_index is not None and s.edge_index.size > 2 * MAX_EDGES:
+  if s.edge_index is not None and s.edge_index.size > 2 * max_edges(n):
     fail(f"{s.edge_index.size // 2:,} stored edges, more than the "
-         f"{MAX_EDGES:,} a structure may have (structure.MAX_EDGES); the "
-         "entry is damaged")
+         f"{max_edges(n):,} a structure of {n:,} atoms may have "
+         "(structure.max_edges); the entry is damaged")
   if s.positions.shape != (n, 3):
     fail(f"positions have shape {s.positions.shape}, expected ({n}, 3)")
   if not np.all(np.isfinite(s.positions)):
@@ -315,7 +331,9 @@ def coincident_atoms(positions: np.ndarray, cell: np.ndarray,
   hashed into cubes of 2 * MIN_DISTANCE on 8 grids offset by MIN_DISTANCE
   along each axis: two points closer than MIN_DISTANCE share a cube on at
   least one grid. Points sharing one are at most 2 * sqrt(3) * MIN_DISTANCE
-  apart, so such pairs may be reported too. Takes O(N log N).
+  apart, so such pairs may be reported too. Takes O(N log N): one sort of
+  a 64-bit hash of (grid, cube), then an exact comparison among the few
+  points whose hash another point shares.
 
   Args:
     positions: float [N, 3] finite Cartesian positions in Å.
@@ -341,11 +359,38 @@ def coincident_atoms(positions: np.ndarray, cell: np.ndarray,
     frac = np.concatenate([frac, image])
     owners = np.concatenate([owners, owners[near]])
   points = frac @ lattice
-  offsets = _GRID_OFFSETS
-  cubes = np.floor((points[None] + offsets[:, None]) / (2 * MIN_DISTANCE))
-  cubes = cubes.reshape(-1, 3)
-  grids = np.repeat(np.arange(len(offsets)), len(points))
-  member = np.tile(np.arange(len(points)), len(offsets))
+  # Cube coordinates stay floats (exact integers, whatever the magnitude),
+  # whose bits the hash reads: adding the offsets (+0.0 on the first grid)
+  # turned any -0.0 into 0.0, so equal cubes have equal bits.
+  cubes = (points[None] + _GRID_OFFSETS[:, None]).reshape(-1, 3)
+  cubes /= 2 * MIN_DISTANCE
+  np.floor(cubes, out=cubes)
+  grids = np.repeat(np.arange(len(_GRID_OFFSETS)), len(points))
+  member = np.tile(np.arange(len(points)), len(_GRID_OFFSETS))
+  # Points sharing a cube share its hash. One sort of hashes (their top bits,
+  # the point's index in the low ones) finds the points whose hash is
+  # shared: those, and the rare collisions, are compared exactly below.
+  bits = cubes.view(np.uint64)
+  key = _mix(grids.astype(np.uint64))
+  for axis in range(3):
+    key ^= bits[:, axis]
+    key = _mix(key)
+  index_bits = max(int(len(key) - 1).bit_length(), 1)
+  key >>= np.uint64(index_bits)
+  key <<= np.uint64(index_bits)
+  key |= np.arange(len(key), dtype=np.uint64)
+  key.sort()
+  candidates = (key & np.uint64((1 << index_bits) - 1)).astype(np.intp)
+  key >>= np.uint64(index_bits)
+  same = key[1:] == key[:-1]
+  if not same.any():
+    return None
+  shares = np.zeros(len(key), bool)
+  shares[:-1] = same
+  shares[1:] |= same
+  candidates = candidates[shares]
+  cubes, grids, member = (cubes[candidates], grids[candidates],
+                          member[candidates])
   # Sorted by grid, cube and owner, a cube holding two atoms has two
   # neighbouring rows with different owners.
   order = np.lexsort((owners[member], cubes[:, 2], cubes[:, 1], cubes[:, 0],
@@ -359,3 +404,13 @@ def coincident_atoms(positions: np.ndarray, cell: np.ndarray,
   a, b = member[shared[0]], member[shared[0] + 1]
   return (int(owners[a]), int(owners[b]),
           float(np.linalg.norm(points[a] - points[b])))
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+  """splitmix64's finaliser, in place on uint64 `x` (wrapping)."""
+  x ^= x >> np.uint64(30)
+  x *= np.uint64(0xBF58476D1CE4E5B9)
+  x ^= x >> np.uint64(27)
+  x *= np.uint64(0x94D049BB133111EB)
+  x ^= x >> np.uint64(31)
+  return x

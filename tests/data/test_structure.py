@@ -103,6 +103,32 @@ def test_coincident_atoms_agrees_with_all_pairs():
   assert 100 < found < 200
 
 
+
+def test_coincident_atoms_are_found_whatever_the_hash(monkeypatch):
+  """Points sharing a cube share a hash; other points may too (a
+  collision), and the exact comparison then decides. With every hash
+  equal, the answers must not change."""
+  rng = np.random.default_rng(3)
+  cases = []
+  for _ in range(60):
+    n = int(rng.integers(2, 20))
+    cell = rng.normal(size=(3, 3)) + np.eye(3) * 4
+    pbc = rng.random(3) < 0.6
+    pos = rng.random((n, 3)) @ cell
+    if rng.random() < 0.5:
+      i, j = rng.choice(n, 2, replace=False)
+      pos[j] = pos[i] + (rng.integers(-1, 2, 3) * pbc) @ cell
+    cases.append((pos, cell, pbc, structure.coincident_atoms(pos, cell, pbc)))
+  assert 10 < sum(c[-1] is not None for c in cases) < 50
+  monkeypatch.setattr(structure, "_mix", lambda x: x & np.uint64(0))
+  for pos, cell, pbc, want in cases:
+    assert structure.coincident_atoms(pos, cell, pbc) == want
+  # Signed zeros are one position.
+  pos = np.array([[0.0, 0.0, 0.0], [-0.0, -0.0, -0.0], [1.0, 1.0, 1.0]])
+  assert structure.coincident_atoms(pos, np.zeros((3, 3)),
+                                    np.zeros(3, bool)) == (0, 1, 0.0)
+
+
 def test_atom_and_edge_bounds(monkeypatch):
   monkeypatch.setattr(structure, "MAX_ATOMS", 5)
   with pytest.raises(DataError, match=r"f.lmdb, entry '7': 6 atoms, more "
@@ -110,6 +136,7 @@ def test_atom_and_edge_bounds(monkeypatch):
     validate(_structure(_positions(6)))
   validate(_structure(_positions(5)))
   monkeypatch.setattr(structure, "MAX_EDGES", 10)
+  monkeypatch.setattr(structure, "MAX_EDGES_PER_ATOM", 1)
   edges = np.zeros((2, 11), np.int64)
   with pytest.raises(DataError, match=r"11 stored edges, more than the 10"):
     validate(_structure(_positions(5), edge_index=edges))
