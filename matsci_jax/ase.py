@@ -117,7 +117,7 @@ class Calculator(ase_calculator.Calculator):
     example = self.trained.example(self.atoms)
     budget = batching.bucket_budget([example], **self._ladder)
     self.budgets.add(budget)
-    graph = batching.collate([example], budget)
+    graph = self.trained.place(batching.collate([example], budget))
     out = jax.device_get(self._fns[kind](self.trained.params, graph))
     energy = float(out[0][0])
     self.results = {"energy": energy, "free_energy": energy}

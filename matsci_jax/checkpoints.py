@@ -46,7 +46,7 @@ from matsci_jax.data.graph_spec import GraphSpec
 from matsci_jax.data.structure import Structure
 from matsci_jax.energy import (Normalizer, make_atom_energies_fn,
                                make_energy_and_forces_fn, make_energy_fn,
-                               make_energy_forces_stress_fn)
+                               make_energy_forces_stress_fn, split_edges)
 
 MODEL_FILE = "model.json"
 CONFIG_FILE = "config.json"
@@ -442,6 +442,13 @@ class Trained:
     return dataclasses.replace(
         self, model=self.model.clone(edge_chunk=int(edge_chunk)),
         params=params, mesh=mesh)
+
+  def place(self, graph):
+    """A padded batch of numpy arrays placed for the energy functions: its
+    edges split over `mesh` (`energy.split_edges`); unchanged without one."""
+    if self.mesh is None:
+      return graph
+    return split_edges(graph, self.model, self.mesh)
 
   def _on_source(self, fn: Callable) -> Callable:
     """`fn` with each batch's structures marked as `source`'s, unless

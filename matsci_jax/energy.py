@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import jraph
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from matsci_jax import _compat  # noqa: F401  (jraph needs it)
 
@@ -369,7 +370,8 @@ def shard_edges(make_fn: Callable, model, normalizer: Normalizer,
   work locally and then over all mesh axes (`models.edge_sums`), so every
   device computes the same energies, and `jax.grad` brings the forces'
   per-device parts together through the transpose of those sums. Memory per
-  device is that of all atoms plus its share of the edges.
+  device is that of all atoms plus its share of the edges; pass batches
+  placed by `split_edges`, or every device first receives all edges.
 
   Args:
     make_fn: `make_energy_and_forces_fn` or another factory of
@@ -387,16 +389,30 @@ def shard_edges(make_fn: Callable, model, normalizer: Normalizer,
   axes = tuple(mesh.axis_names)
   fn = make_fn(model.clone(edge_axis=axes), normalizer)
   multiple = mesh.size * edges_per_row(model)
-  replicated = jax.sharding.PartitionSpec()
-  split = jax.sharding.PartitionSpec(axes)
 
   def sharded(params, graph):
     graph = edge_sums.pad_edges(graph, multiple)
-    specs = graph._replace(
-        nodes=replicated, edges=split, globals=replicated,
-        senders=split, receivers=split, n_node=replicated,
-        n_edge=replicated)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(replicated, specs),
-                         out_specs=replicated)(params, graph)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(P(), _edge_specs(graph, P(
+        axes), P())), out_specs=P())(params, graph)
 
   return sharded
+
+
+def split_edges(graph, model, mesh: jax.sharding.Mesh):
+  """A padded batch of numpy arrays placed as `shard_edges` splits it: its
+  edges padded on the host to a whole number per device and split over the
+  mesh, everything else replicated, so that no device holds all edges."""
+  from matsci_jax.models import edge_sums  # Models import this module.
+
+  graph = edge_sums.pad_edges(graph, mesh.size * edges_per_row(model))
+  shardings = _edge_specs(graph, jax.sharding.NamedSharding(
+      mesh, P(tuple(mesh.axis_names))), jax.sharding.NamedSharding(mesh, P()))
+  return jax.device_put(graph, shardings)
+
+
+def _edge_specs(graph, split, replicated):
+  """`graph`'s tree of specs or shardings: edges `split`, the rest
+  `replicated`."""
+  return graph._replace(
+      nodes=replicated, edges=split, globals=replicated, senders=split,
+      receivers=split, n_node=replicated, n_edge=replicated)

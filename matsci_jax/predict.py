@@ -257,8 +257,8 @@ def _predict_group(trained, fn, group, batch_size, relaxation):
     results = relax.relax(trained, [s.to_atoms() for _, s, _ in group],
                           **relaxation)
   budget = batching.bucket_budget(examples, n_graph=batch_size + 1)
-  e, f = jax.device_get(fn(trained.params, batching.collate(examples,
-                                                            budget)))
+  graph = trained.place(batching.collate(examples, budget))
+  e, f = jax.device_get(fn(trained.params, graph))
   rows, energies, rows_of, counts = [], [], [], []
   start = 0
   for k, (index, s, _) in enumerate(group):

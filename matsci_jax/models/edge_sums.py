@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jraph
+import numpy as np
 
 from matsci_jax import _compat
 
@@ -34,22 +35,26 @@ def pad_edges(graph: jraph.GraphsTuple, multiple: int) -> jraph.GraphsTuple:
 
   The new edges join the last node, a padding node in every padded batch
   (see `data.batching.collate`), to itself with no cell shift, so receivers
-  stay sorted and their envelope, and every sum they enter, is zero.
+  stay sorted and their envelope, and every sum they enter, is zero. A
+  batch of numpy arrays stays on the host.
   """
   n_edge = graph.senders.shape[0]
   pad = -n_edge % multiple
   if not pad:
     return graph
+  xp = np if isinstance(graph.senders, np.ndarray) else jnp
   last = graph.nodes["mask"].shape[0] - 1
 
   def extend(x, fill):
-    return jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], fill, x.dtype)])
+    return xp.concatenate([x, xp.full((pad,) + x.shape[1:], fill, x.dtype)])
 
   edges = {k: extend(v, False if k == "mask" else 0)
            for k, v in graph.edges.items()}
+  # The new edges belong to the last graph, a padding graph.
+  n_edge = xp.concatenate([graph.n_edge[:-1], graph.n_edge[-1:] + pad])
   return graph._replace(senders=extend(graph.senders, last),
                         receivers=extend(graph.receivers, last), edges=edges,
-                        n_edge=graph.n_edge.at[-1].add(pad))
+                        n_edge=n_edge)
 
 
 def complete(sums: Any, axis: str | tuple[str, ...] | None) -> Any:
