@@ -67,6 +67,13 @@ class Strategy:
     """`init(rng)` run on the devices, laid out for the steps."""
     raise NotImplementedError
 
+  def abstract_state(self, init: Callable[[jax.Array], TrainState],
+                     rng: jax.Array) -> TrainState:
+    """What `create_state` would give, as `jax.ShapeDtypeStruct`s with
+    their shardings, computing nothing (for ahead-of-time compilation)."""
+    raise NotImplementedError(f"the {self.name} strategy has no abstract "
+                              "state; use the jit strategy")
+
   def make_train_step(self, loss_fn: Callable,
                       optimizer: optax.GradientTransformation,
                       ema_decay: float) -> Callable:
@@ -91,7 +98,7 @@ class Strategy:
     flops = (cost or {}).get("flops")
     return None if flops is None else float(flops) * self._flops_copies
 
-  # The lowered program holds the whole step (jit) or one device's (pmap).
+  # The lowered program holds one device's work (pmap, and jit's shard_map).
   _flops_copies = 1
 
   def place_train(self, batch):
@@ -101,6 +108,11 @@ class Strategy:
   def place_eval(self, batch):
     """An evaluation batch from the pipeline, placed for `make_eval_step`."""
     raise NotImplementedError
+
+  def abstract_train_batch(self, batch):
+    """`place_train`'s result as shape structs, placing nothing."""
+    raise NotImplementedError(f"the {self.name} strategy has no abstract "
+                              "batch; use the jit strategy")
 
   def host_state(self, state: TrainState) -> TrainState:
     """One copy of the state, as checkpoints store it."""
@@ -136,10 +148,17 @@ class JitStrategy(Strategy):
     self.fsdp_min_size = fsdp_min_size
     self.shardings = None
 
-  def create_state(self, init, rng):
+  def abstract_state(self, init, rng):
+    shapes = jax.eval_shape(init, rng)
     self.shardings = parallel.state_shardings(
-        jax.eval_shape(init, rng), self.mesh,
-        fsdp=self.mesh.shape["fsdp"] > 1, min_size=self.fsdp_min_size)
+        shapes, self.mesh, fsdp=self.mesh.shape["fsdp"] > 1,
+        min_size=self.fsdp_min_size)
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        shapes, self.shardings)
+
+  def create_state(self, init, rng):
+    self.abstract_state(init, rng)  # Sets the shardings.
     # Created in place: with FSDP no device ever holds all of it.
     return jax.jit(init, out_shardings=self.shardings)(rng)
 
@@ -155,8 +174,24 @@ class JitStrategy(Strategy):
   def place_train(self, batch):
     return parallel.to_global(self._shape_train(batch), self.mesh)
 
+  def abstract_train_batch(self, batch):
+    """A placed training step's batch as shape structs, from one unstacked
+    padded batch: [devices, (micro,) ...] as `place_train` gives it."""
+    lead = (self.mesh.size,) + ((self.grad_accum_steps,)
+                                if self.grad_accum_steps > 1 else ())
+    sharding = parallel.batch_sharding(self.mesh)
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(lead + x.shape, x.dtype,
+                                       sharding=sharding), batch)
+
   def place_eval(self, batch):
     return parallel.to_global(self._shape_eval(batch), self.mesh)
+
+  @property
+  def _flops_copies(self) -> int:
+    # The lowered step's per-device work (inside `shard_map`) is counted
+    # once; the optimizer update outside it is small beside it.
+    return self.mesh.size
 
   def describe(self):
     return dict(super().describe(), mesh=dict(self.mesh.shape))

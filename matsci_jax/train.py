@@ -162,7 +162,8 @@ class Job:
       each evaluation split.
     transfer: what a fine-tuning run loads (None: fresh parameters).
     trainable, frozen: numbers of trainable and frozen parameter scalars.
-    state: the initial training state, on the devices.
+    state: the initial training state, on the devices (shape structs when
+      built `abstract`).
     train_step, eval_step: the strategy's jitted steps.
     flops_per_step: FLOPs of one training step over all devices (XLA's
       cost analysis), or None.
@@ -191,10 +192,15 @@ class Job:
         self.strategy.host_state(self.state).params))
 
 
-def build(config: ml_collections.ConfigDict) -> Job:
+def build(config: ml_collections.ConfigDict, abstract: bool = False) -> Job:
   """Everything a run of `config` trains with, before any step: data,
   model, normaliser, device strategy, initial state and steps (the state
   is created on the devices; nothing is compiled but its initialisation).
+
+  With `abstract`, the state is shape structs with their shardings
+  (`Strategy.abstract_state`) and nothing runs on the devices, so that the
+  steps can be compiled ahead of time for models too large to create
+  (`matsci_jax.plan`); `flops_per_step` is then None.
 
   Call after `check_config` and `parallel.initialize_distributed`.
 
@@ -241,10 +247,11 @@ def build(config: ml_collections.ConfigDict) -> Job:
       params = transfer.merge(params)
     return train_state.TrainState.create(params, optimizer)
 
-  state = strategy.create_state(init, jax.random.PRNGKey(config.train.seed))
+  make_state = strategy.abstract_state if abstract else strategy.create_state
+  state = make_state(init, jax.random.PRNGKey(config.train.seed))
   train_step = strategy.make_train_step(loss_fn, optimizer,
                                         config.optimizer.ema_decay)
-  flops_per_step = strategy.step_flops(
+  flops_per_step = None if abstract else strategy.step_flops(
       train_step, state, first if strategy.batches_per_step == 1 else
       pipeline.stack([first] * strategy.batches_per_step))
   eval_step = strategy.make_eval_step(

@@ -229,7 +229,8 @@ def check_train(tmp: str) -> dict:
     out[name] = {"val_energy_mae": result["metrics"]["val/energy_mae"],
                  "val_force_mae": result["metrics"]["val/force_mae"],
                  "recompiles": result["recompiles_after_warmup"],
-                 "devices": result["devices"]}
+                 "devices": result["devices"],
+                 "flops_per_step": result["flops_per_step"]}
   return out
 
 

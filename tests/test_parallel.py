@@ -76,6 +76,18 @@ def test_fsdp_splits_the_parameters(step_results):
   assert r["param_elements_per_device"] < 0.5 * r["param_elements"]
 
 
+def test_flops_per_step_count_every_device(train_results):
+  """The same step on 8 devices under every strategy: the same FLOPs (pmap
+  lowers one device's program, jit one program whose per-device part runs
+  in `shard_map`; both count all devices)."""
+  flops = {name: train_results[name]["flops_per_step"]
+           for name in ("data_parallel", "fsdp", "pmap")}
+  reference = flops["pmap"]
+  assert reference > 0, flops
+  for name, value in flops.items():
+    assert abs(value - reference) < 0.15 * reference, flops
+
+
 def test_checkpoint_from_a_2x4_fsdp_mesh_restores_anywhere():
   r = _run_checks("checkpoint")
   assert r["saved_split"] > 0
