@@ -31,7 +31,8 @@ from matsci_jax import _compat
 
 
 def pad_edges(graph: jraph.GraphsTuple, multiple: int) -> jraph.GraphsTuple:
-  """`graph` with masked edges appended up to a multiple of `multiple`.
+  """`graph` with masked edges appended up to a multiple of `multiple` (a
+  whole number of edges, or point-cloud rows, per device).
 
   The new edges join the last node, a padding node in every padded batch
   (see `data.batching.collate`), to itself with no cell shift, so receivers
@@ -81,8 +82,7 @@ def scan_edges(mdl: nn.Module, body: Callable, init: Any, edges: Any,
       `per_edge` a pytree of [n, ...] arrays (or None).
     init: zeros shaped like `sums` (its shapes and dtypes; the values are
       not used).
-    edges: pytree of per-edge arrays [n_edge, ...]; with `chunk`, n_edge
-      must be a multiple of it (`pad_edges`).
+    edges: pytree of per-edge arrays [n_edge, ...].
     broadcast: arguments every chunk sees whole (per-atom features).
     chunk: edges per chunk; 0 (or at least n_edge) runs all at once.
     axis: mesh axis the edges are split over, or None.
@@ -94,21 +94,30 @@ def scan_edges(mdl: nn.Module, body: Callable, init: Any, edges: Any,
   if not chunk or chunk >= n_edge:
     sums, per_edge = body(mdl, edges, *broadcast)
     return complete(sums, axis), per_edge
+  full, rest = divmod(n_edge, chunk)
 
-  def step(mdl, carry, edges, *broadcast):
-    sums, per_edge = body(mdl, edges, *broadcast)
+  def step(mdl, carry, index, edges, *broadcast):
+    sums, per_edge = body(mdl, _chunk(edges, index * chunk, chunk),
+                          *broadcast)
     return jax.tree_util.tree_map(jnp.add, carry, sums), per_edge
 
   carry = _varying(jax.tree_util.tree_map(jnp.zeros_like, init), axis)
-  n = n_edge // chunk
-  # Recompute each chunk in the backward pass: storing its activations
-  # would bring back the memory the chunks save.
+  # Each chunk is sliced inside the step, and recomputed in the backward
+  # pass: nothing per edge is stored for it (storing its activations, or
+  # even its slice of the inputs, would bring back memory of all edges).
   scan = nn.scan(nn.remat(step, prevent_cse=False),
                  variable_broadcast="params", split_rngs={"params": False},
-                 in_axes=(0,) + (nn.broadcast,) * len(broadcast), length=n)
-  sums, per_edge = scan(mdl, carry, _split(edges, chunk), *broadcast)
+                 in_axes=(0,) + (nn.broadcast,) * (1 + len(broadcast)),
+                 length=full)
+  sums, per_edge = scan(mdl, carry, jnp.arange(full), edges, *broadcast)
   per_edge = jax.tree_util.tree_map(
-      lambda x: x.reshape((n_edge,) + x.shape[2:]), per_edge)
+      lambda x: x.reshape((full * chunk,) + x.shape[2:]), per_edge)
+  if rest:  # The last, shorter chunk.
+    tail_sums, tail = nn.remat(body, prevent_cse=False)(
+        mdl, _chunk(edges, full * chunk, rest), *broadcast)
+    sums = jax.tree_util.tree_map(jnp.add, sums, tail_sums)
+    per_edge = jax.tree_util.tree_map(
+        lambda a, b: jnp.concatenate([a, b]), per_edge, tail)
   return complete(sums, axis), per_edge
 
 
@@ -134,14 +143,20 @@ def reduce_edges(fn: Callable, init: Any, edges: Any,
   """
   combine, finish = ((jnp.add, complete) if op == "sum"
                      else (jnp.maximum, complete_max))
-  if not chunk or chunk >= _num_edges(edges):
+  n_edge = _num_edges(edges)
+  if not chunk or chunk >= n_edge:
     return finish(fn(edges, *broadcast), axis)
+  full, rest = divmod(n_edge, chunk)
 
   @jax.checkpoint
-  def step(carry, edges):
-    return jax.tree_util.tree_map(combine, carry, fn(edges, *broadcast)), None
+  def step(carry, index):
+    part = fn(_chunk(edges, index * chunk, chunk), *broadcast)
+    return jax.tree_util.tree_map(combine, carry, part), None
 
-  out, _ = jax.lax.scan(step, _varying(init, axis), _split(edges, chunk))
+  out, _ = jax.lax.scan(step, _varying(init, axis), jnp.arange(full))
+  if rest:
+    part = jax.checkpoint(fn)(_chunk(edges, full * chunk, rest), *broadcast)
+    out = jax.tree_util.tree_map(combine, out, part)
   return finish(out, axis)
 
 
@@ -149,14 +164,10 @@ def _num_edges(edges: Any) -> int:
   return jax.tree_util.tree_leaves(edges)[0].shape[0]
 
 
-def _split(edges: Any, chunk: int) -> Any:
-  """Per-edge arrays [n_edge, ...] -> [n_edge / chunk, chunk, ...]."""
-  n_edge = _num_edges(edges)
-  if n_edge % chunk:
-    raise ValueError(f"{n_edge} edges are not a whole number of chunks of "
-                     f"{chunk}; pad them first (edge_sums.pad_edges)")
+def _chunk(edges: Any, start, size: int) -> Any:
+  """Edges [start, start + size) of every per-edge array."""
   return jax.tree_util.tree_map(
-      lambda x: x.reshape((n_edge // chunk, chunk) + x.shape[1:]), edges)
+      lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), edges)
 
 
 def _varying(x: Any, axis: str | tuple[str, ...] | None) -> Any:

@@ -33,21 +33,61 @@ from matsci_jax import _compat  # noqa: F401  (jraph needs it)
 from matsci_jax.models import edge_sums, geometry, registry, remat
 
 
+def _edge_terms(x: jax.Array, graph: jraph.GraphsTuple, edges: dict,
+                cutoff: float, num_radial: int,
+                vectors: bool) -> dict:
+  """Edge inputs of a layer from positions, for the given edges.
+
+  Args:
+    x: float32 [n_node, 3] positions.
+    graph: the padded batch (its cells and atoms' structures).
+    edges: senders, receivers [n]; cell_shifts [n, 3]; mask [n].
+    cutoff, num_radial: the distance expansion's radius and size.
+    vectors: also return the edge vectors.
+
+  Returns:
+    senders and receivers, features [n, 1 + num_radial] (squared length
+    over cutoff squared, then the Bessel basis), envelope [n] and, with
+    `vectors`, vectors [n, 3].
+  """
+  view = graph._replace(senders=edges["senders"],
+                        receivers=edges["receivers"],
+                        edges={"cell_shifts": edges["cell_shifts"],
+                               "mask": edges["mask"]})
+  edge = geometry.edge_geometry(x, view, cutoff)
+  rbf = e3nn.bessel(edge.d, num_radial, x_max=cutoff)
+  terms = dict(senders=edges["senders"], receivers=edges["receivers"],
+               features=jnp.concatenate([(edge.d2 / cutoff**2)[:, None], rbf],
+                                        -1),
+               envelope=edge.envelope)
+  if vectors:
+    terms["vectors"] = edge.vectors
+  return terms
+
+
 def _messages(layer: "EGNNLayer", edges: dict, h_receiver: jax.Array,
-              h_sender: jax.Array) -> tuple[dict, None]:
+              h_sender: jax.Array, x: jax.Array,
+              graph: jraph.GraphsTuple) -> tuple[dict, None]:
   """The layer's per-edge work on some of the edges, summed into atoms.
 
   Args:
     layer: the calling `EGNNLayer` (its parameters are created here).
-    edges: senders, receivers [n]; features [n, 1 + num_radial]; envelope
-      [n]; vectors [n, 3] with a coordinate update.
+    edges: the given edges' inputs as `_edge_terms` returns them or, in
+      chunks, their senders, receivers, cell_shifts and mask, from which
+      the terms are computed here (and recomputed in the backward pass),
+      so that no per-edge array of all edges is kept.
     h_receiver, h_sender: per-atom halves of the first message layer
       [n_node, hidden_dim].
+    x: float32 [n_node, 3] positions.
+    graph: the padded batch.
 
   Returns:
     ({"messages": [n_node, hidden_dim], "positions": [n_node, 3] with a
     coordinate update}, None): float32 sums over the given edges.
   """
+  if "features" not in edges:
+    edges = _edge_terms(x, graph, edges, layer.cutoff, layer.num_radial,
+                        layer.coordinate_update)
   act = getattr(jax.nn, layer.activation)
   d = layer.hidden_dim
   n_node = h_receiver.shape[0]
@@ -80,12 +120,14 @@ class EGNNLayer(nn.Module):
   activation: str
   avg_num_neighbors: float
   coordinate_update: bool
+  cutoff: float
+  num_radial: int
   dtype: Any = jnp.float32
   edge_chunk: int = 0
   edge_axis: str | tuple[str, ...] | None = None
 
   @nn.compact
-  def __call__(self, h, x, edges, node_mask):
+  def __call__(self, h, x, edges, graph):
     act = getattr(jax.nn, self.activation)
     d = self.hidden_dim
     n_node = h.shape[0]
@@ -97,11 +139,12 @@ class EGNNLayer(nn.Module):
     if self.coordinate_update:
       init["positions"] = jnp.zeros((n_node, 3), jnp.float32)
     sums, _ = edge_sums.scan_edges(
-        self, _messages, init, edges, (h_receiver, h_sender),
+        self, _messages, init, edges, (h_receiver, h_sender, x, graph),
         chunk=self.edge_chunk, axis=self.edge_axis)
     agg = sums["messages"] / self.avg_num_neighbors
     if self.coordinate_update:
-      x = x - sums["positions"] / self.avg_num_neighbors * node_mask[:, None]
+      x = x - (sums["positions"] / self.avg_num_neighbors
+               * graph.nodes["mask"][:, None])
     u = act(dense(d, name="update_self")(h)
             + dense(d, use_bias=False, name="update_message")(agg))
     return h + dense(d, name="update_out")(u).astype(h.dtype), x
@@ -158,19 +201,16 @@ class EGNN(registry.EnergyModel):
         graph.nodes["atomic_numbers"])
 
     chunk = edge_sums.chunk_size(self.edge_chunk, graph.senders.shape[0])
-    if chunk:
-      graph = edge_sums.pad_edges(graph, chunk)
+
+    raw = dict(senders=graph.senders, receivers=graph.receivers,
+               cell_shifts=graph.edges["cell_shifts"],
+               mask=graph.edges["mask"])
 
     def edge_terms(x):
-      edge = geometry.edge_geometry(x, graph, self.cutoff)
-      rbf = e3nn.bessel(edge.d, self.num_radial, x_max=self.cutoff)
-      features = jnp.concatenate([(edge.d2 / self.cutoff**2)[:, None], rbf],
-                                 -1)
-      terms = dict(senders=graph.senders, receivers=graph.receivers,
-                   features=features, envelope=edge.envelope)
-      if self.coordinate_update:
-        terms["vectors"] = edge.vectors
-      return terms
+      if chunk:  # Each chunk computes its own, in the layer.
+        return raw
+      return _edge_terms(x, graph, raw, self.cutoff, self.num_radial,
+                         self.coordinate_update)
 
     edges = edge_terms(x)
     layer = remat.wrap(EGNNLayer, self.remat)
@@ -179,9 +219,9 @@ class EGNN(registry.EnergyModel):
         edges = edge_terms(x)
       h, x = layer(self.hidden_dim, self.activation,
                    self.avg_num_neighbors, self.coordinate_update,
-                   dtype=self.dtype, edge_chunk=chunk,
-                   edge_axis=self.edge_axis, name=f"layer_{i}")(
-                       h, x, edges, graph.nodes["mask"])
+                   self.cutoff, self.num_radial, dtype=self.dtype,
+                   edge_chunk=chunk, edge_axis=self.edge_axis,
+                   name=f"layer_{i}")(h, x, edges, graph)
     dense = functools.partial(nn.Dense, dtype=self.dtype)
     out = dense(self.num_heads, name="readout_out")(
         act(dense(self.readout_hidden, name="readout")(h)))

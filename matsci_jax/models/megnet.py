@@ -276,8 +276,6 @@ class MegNet(registry.EnergyModel):
     node_mask = graph.nodes["mask"]
     n_graph = graph.globals["mask"].shape[0]
     chunk = edge_sums.chunk_size(self.edge_chunk, graph.senders.shape[0])
-    if chunk:
-      graph = edge_sums.pad_edges(graph, chunk)
     edge = geometry.edge_geometry(x, graph, self.cutoff)
     edges = {"senders": graph.senders, "receivers": graph.receivers,
              "weights": edge.envelope, "distances": edge.d}
