@@ -102,6 +102,10 @@ def get_config(model: str = "egnn") -> ml_collections.ConfigDict:
   config.train.best_metric = "val/force_mae"
   config.train.eval_at_start = False  # Also evaluate the initial model.
   config.train.progress_bar = True
+  # Figures in the workdir: plots/learning_curve.png at every evaluation,
+  # plots/parity_<split>.png (EMA predictions against references) at the
+  # end.
+  config.train.plots = True
   # Micro-batches per device and step (each of data.batch_size structures),
   # summed into one update that equals a step on all of them.
   config.train.grad_accum_steps = 1

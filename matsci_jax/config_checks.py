@@ -34,7 +34,8 @@ REQUIRED_FIELDS = {
                   "weight_decay", "b1", "b2", "clip_norm", "ema_decay"),
     "train": ("num_steps", "seed", "log_every", "eval_every",
               "checkpoint_every", "keep_checkpoints", "best_metric",
-              "progress_bar", "eval_at_start", "grad_accum_steps"),
+              "progress_bar", "eval_at_start", "grad_accum_steps",
+              "plots"),
     "mesh": ("data", "fsdp"),
     "parallel": ("strategy", "fsdp_min_size"),
 }
@@ -170,6 +171,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.data.task must be one of "
                       f"{tuple(tasks.TASKS)}, got {config.data.task!r}")
   _check_numbers(config)
+  if not isinstance(config.train.plots, bool):
+    raise ConfigError(f"config.train.plots = {config.train.plots!r}: must be "
+                      "True or False")
   if config.get("precision", "float32") not in PRECISIONS:
     raise ConfigError(f"config.precision must be one of {PRECISIONS}, got "
                       f"{config.precision!r}")

@@ -6,7 +6,9 @@ EMA parameters on the validation splits with OC20 metrics, checkpoints with
 orbax (state and data-iterator position, so that a killed run resumes to the
 same result), and logs losses, metrics, learning rate, throughput, padding
 efficiency and the number of compilations to the console, `metrics.csv` and
-TensorBoard. Final metrics go to `workdir/metrics.json`.
+TensorBoard; it redraws the learning curve at each evaluation and draws
+parity figures at the end, into `workdir/plots/` (`matsci_jax.plots`).
+Final metrics go to `workdir/metrics.json`.
 
 The pieces it calls, one decision each: `tasks` (targets, loss, metrics),
 `inputs` (dataset, graph settings, padded batches), `strategies` (devices),
@@ -27,8 +29,8 @@ import numpy as np
 from absl import logging
 
 from matsci_jax import (accelerators, checkpoints, energy, finetune, inputs,
-                        metrics, models, monitoring, parallel, strategies,
-                        tasks, train_state)
+                        metrics, models, monitoring, parallel, plots,
+                        strategies, tasks, train_state)
 from matsci_jax.config_checks import ConfigError, check_config  # noqa: F401
 from matsci_jax.data import dataset_io, pipeline
 from matsci_jax.models import precision
@@ -313,10 +315,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       compiles_at_start, job.flops_per_step,
       accelerators.mesh_peak_flops(config.get("precision", "float32")))
 
+  figures = plots.RunPlots(run.path, job, config.loss, config.train.plots)
+
   def run_evaluation(step, params):
     results = {f"{d.label}/{k}": v for d in job.eval_data for k, v in
                evaluate(job.eval_step, params, d, strategy).items()}
     writer.write(step, results)
+    figures.learning_curve(step)
     return results
 
   started = time.perf_counter()
@@ -358,6 +363,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                   if warm_compiles is not None else None),
   }
   run.write_result(result)
+  # After counting compiles: the prediction step these compile is not a
+  # recompilation of training.
+  figures.parity(final_step, state.ema_params)
   writer.close()
   ckpt.close()
   return result

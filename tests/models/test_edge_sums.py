@@ -31,7 +31,7 @@ def test_chunks_give_the_same_parameters_and_results(case):
   params = jax.jit(model.init)(jax.random.PRNGKey(0), graph)
   e0, f0 = jax.jit(make_energy_and_forces_fn(model, NORM))(params, graph)
   n_edge = graph.senders.shape[0]
-  # Not a divisor of the edge count: the last chunk is padded.
+  # Not a divisor of the edge count: the last chunk is shorter.
   chunk = 5 * CASES[case][0].get("num_neighbors", 7)
   assert n_edge % chunk and n_edge > 4 * chunk
   chunked = model.clone(edge_chunk=chunk)
