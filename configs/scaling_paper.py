@@ -10,7 +10,7 @@ r"""The large setting of atomistic GNN scaling studies, as a TPU pod recipe.
 EGNN from 0.45 to 8.8 billion parameters (hidden 2,500 to 7,000 with 12 to
 30 layers, grown together: about 6 x hidden^2 parameters per layer) on
 12.5%, 35% and all of OC20 S2EF 2M, two epochs each: 12 runs, each over
-all devices of the slice (FSDP over all of them, bf16 dense layers,
+all devices of the slice (FSDP over 4 of them, bf16 dense layers,
 rematerialised layers, two micro-batches per device and step). The runs go
 one at a time (--parallel 1); every host runs the sweep, process 0 writes
 the records, and `--out` must be a folder all hosts share.
@@ -20,9 +20,15 @@ Data: OC20's S2EF 2M training set converted once,
 /mnt/shared/oc20_s2ef_2M --task s2ef --val-fraction 0.01`.
 
 Hardware: a TPU v5p-512 slice (256 chips, 64 hosts; 95 GB of HBM and
-459 TFLOP/s bf16 per chip). FSDP over 256 chips leaves 0.55 GB of
-parameters, EMA and Adam moments per chip for the largest model (16 bytes
-a parameter). A step trains 256 x 4 x 2 = 2,048 structures.
+459 TFLOP/s bf16 per chip). FSDP splits an array only along a dimension its
+size divides: 4 divides every width here (2,500 to 7,000), 256 none, so
+the mesh is 64 (data) x 4 (fsdp). Plan the runs first
+(`python -m matsci_jax.plan`, README "Large structures and large models"):
+on 80 GB devices the three smaller models fit (5,000 x 22 in bf16 with
+remat, 70 GB per device at fsdp 4), while 7,000 x 30 fits no layout of
+today's FSDP, which gathers every parameter for the whole step (136 GB per
+device at fsdp 8); its runs need per-layer gathering or larger devices.
+A step trains 256 x 4 x 2 = 2,048 structures.
 
 Expected cost (an estimate; this recipe has not been run): XLA counts an
 S2EF training step of EGNN (forces and their parameter gradient) at about
@@ -55,8 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
       "data.prefetch": 4,
       "precision": "bf16",
       "model.remat": "full",
-      "mesh.data": 1,
-      "mesh.fsdp": -1,
+      "mesh.data": -1,
+      "mesh.fsdp": 4,  # Divides every width of the grid.
       "parallel.fsdp_min_size": 2 ** 14,
       "train.grad_accum_steps": 2,
       "train.progress_bar": False,
