@@ -17,7 +17,7 @@ and memory, so their time shows the overhead of splitting, not a speed-up.
 Memory per device is what XLA planned for the compiled program (arguments
 + outputs + temporaries - aliased; `memory_analysis`, per device); the
 process's peak resident memory (VmHWM, all devices and the host's graph) is
-recorded beside it. A mode whose plan exceeds 85% of the memory available
+recorded beside it. A mode whose plan exceeds 75% of the memory available
 is not run and is reported as not fitting. From the per-device plans, a
 least-squares fit bytes = a * atoms + b * edges per device + c gives what
 fits one 80 GB or 141 GB device, and eight, in each mode. Prints JSON;
@@ -106,7 +106,7 @@ def _child(n_atoms: int, devices: int, chunk: int, model_name: str) -> dict:
            "planned_gb_per_device": round(per_device / GB, 3),
            "temp_gb_per_device": round(mem.temp_size_in_bytes / GB, 3),
            "compile_s": round(compile_s, 1)}
-    if devices * per_device > 0.85 * _available_bytes():
+    if devices * per_device > 0.75 * _available_bytes():
       row["fits"] = False
       out["modes"][mode] = row
       continue
