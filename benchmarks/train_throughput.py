@@ -90,6 +90,9 @@ RUNS = {
     "gala": dict(models_config.model_config("gala", "s2ef")),
     "gala_one_pass": dict(models_config.model_config("gala", "s2ef"),
                           pairs_per_chunk=0),
+    "nequip": dict(models_config.model_config("nequip", "s2ef")),
+    "nequip_reference": dict(models_config.model_config("nequip_reference",
+                                                        "s2ef")),
 }
 
 

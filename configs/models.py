@@ -38,6 +38,15 @@ _MODELS = {
     "gala_paper": dict(name="gala", hidden_dim=208, depth=2, dilation=2.0,
                        num_neighbors=16, nearest_neighbors=0, cutoff=6.0,
                        pairs_per_chunk=1024),
+    "nequip": dict(name="nequip", hidden_irreps="32x0e + 16x1o + 8x2e",
+                   num_layers=3, lmax=2, cutoff=6.0, num_radial=8,
+                   radial_hidden=32, radial_layers=2, avg_num_neighbors=32.0,
+                   readout_hidden=16),
+    "nequip_reference": dict(
+        name="nequip", num_layers=5, lmax=2, cutoff=6.0, num_radial=8,
+        hidden_irreps="64x0e + 64x0o + 32x1e + 32x1o + 4x2e + 4x2o",
+        radial_hidden=64, radial_layers=2, avg_num_neighbors=32.0,
+        readout_hidden=16),
 }
 
 

@@ -35,6 +35,9 @@ CASES = {
                             readout="set2set"), {}),
     "gala": (dict(name="gala", hidden_dim=16, depth=2, num_neighbors=K),
              POINT_CLOUD),
+    "nequip": (dict(name="nequip", hidden_irreps="8x0e + 4x1o + 2x2e",
+                    num_layers=2, num_radial=4, radial_hidden=8,
+                    readout_hidden=8), {}),
 }
 
 

@@ -33,3 +33,16 @@ def test_parameter_count_matches_readme(name):
   # The representation comes from the model class.
   assert count_parameters(model_configs.model_config(name, "s2ef")) == s2ef
   assert count_parameters(model_configs.model_config(name, "is2re")) == is2re
+
+
+def test_every_model_of_the_package_has_configs_in_readme():
+  """A model added to matsci_jax.models (nequip, say) comes with configs
+  and README rows, so its parameter counts are checked above."""
+  from matsci_jax import models
+  packaged = {name for name in models.names()
+              if models.model_class(name).__module__.startswith(
+                  "matsci_jax.models.")}
+  listed = {model_configs.model_config(name, "s2ef").name
+            for name in _readme_counts()}
+  assert packaged == listed
+  assert {"nequip", "nequip_reference"} <= set(_readme_counts())
