@@ -14,7 +14,10 @@ and an AdamW update.
 * gala: the reference config (depth 2, hidden 64) on point clouds, every
   atom a centre with 16 neighbour slots (the reference implementation needed
   12.7 s and 2.3 GB for one 83-atom energy and could not do forces), in
-  chunks of rows as configured and, as "gala_one_pass", all rows at once.
+  chunks of rows as configured and, as "gala_one_pass", all rows at once;
+* nequip: the laptop config (32x0e+16x1o+8x2e, l <= 2), and
+  "nequip_reference" with the sizes of NequIP's usual JAX configuration
+  (5 layers, 64x0e+64x0o+32x1e+32x1o+4x2e+4x2o, radial MLP 64x2).
 Peak memory is XLA's compiled memory analysis of the step.
 
 Needs `../shared/data/matsciml_lips_devset`. Prints JSON (structures/s,

@@ -410,7 +410,7 @@ class NequIP(registry.EnergyModel):
       sums and outputs stay float32 (see the module docstring).
   """
   hidden_irreps: str = "32x0e + 16x1o + 8x2e"
-  num_layers: int = 3
+  num_layers: int = 4
   lmax: int = 2
   cutoff: float = 6.0
   num_radial: int = 8

@@ -190,10 +190,10 @@ def test_edge_chunks_give_the_same_parameters_and_results(tiny):
   chunk = 37  # Not a divisor of the edge count: the last chunk is shorter.
   assert n_edge % chunk and n_edge > 4 * chunk
   chunked = model.clone(edge_chunk=chunk)
-  jax.tree_util.tree_map(
-      np.testing.assert_array_equal,
-      jax.jit(chunked.init)(jax.random.PRNGKey(0), graph),
-      jax.jit(model.init)(jax.random.PRNGKey(0), graph))
+  # The same parameters (names and shapes, so the same initial values).
+  assert jax.tree_util.tree_map(jnp.shape, jax.eval_shape(
+      chunked.init, jax.random.PRNGKey(0), graph)) == jax.tree_util.tree_map(
+          jnp.shape, params)
   e0, f0 = jax.jit(make_energy_and_forces_fn(model, NORM))(params, graph)
   e1, f1 = jax.jit(make_energy_and_forces_fn(chunked, NORM))(params, graph)
   assert _relative_error(e1, e0) < 1e-5
