@@ -25,6 +25,18 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+def memory_status() -> dict:
+  """This process's resident memory now (VmRSS) and at its peak (VmHWM),
+  in bytes, from /proc/self/status."""
+  out = {}
+  with open("/proc/self/status") as f:
+    for line in f:
+      key, _, value = line.partition(":")
+      if key in ("VmHWM", "VmRSS"):
+        out[key] = int(value.split()[0]) * 1024
+  return out
+
+
 def machine() -> dict:
   import jax
   return {"platform": platform.platform(), "python": platform.python_version(),

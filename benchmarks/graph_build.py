@@ -39,6 +39,8 @@ import time
 
 import numpy as np
 
+from benchmarks import _results
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUTOFF = 6.0
 MAX_NEIGHBORS = 50
@@ -67,14 +69,8 @@ def bulk_structure(n_atoms: int, seed: int = 0):
 
 
 def _status() -> dict:
-  """/proc/self/status memory fields, in GB."""
-  out = {}
-  with open("/proc/self/status") as f:
-    for line in f:
-      key, _, value = line.partition(":")
-      if key in ("VmHWM", "VmRSS"):
-        out[key] = int(value.split()[0]) / 2**20
-  return out
+  """Resident memory now and at its peak, in GB (GiB)."""
+  return {k: v / 2**30 for k, v in _results.memory_status().items()}
 
 
 def _nbytes(tree) -> float:
@@ -158,7 +154,6 @@ def main():
   if args.child:
     print(json.dumps(_child(args.size, args.representation)))
     return
-  from benchmarks import _results
   started = time.perf_counter()
   runs = [_run_child(n, rep) for rep in args.representations
           for n in args.sizes]

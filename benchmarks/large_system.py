@@ -53,14 +53,6 @@ def _available_bytes() -> int:
   raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
-def _peak_rss_gb() -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) * 1024 / GB
-  return float("nan")
-
-
 def _child(n_atoms: int, devices: int, chunk: int, model_name: str) -> dict:
   """One size on `devices` devices, both modes, measured in this process."""
   import jax
@@ -120,7 +112,7 @@ def _child(n_atoms: int, devices: int, chunk: int, model_name: str) -> dict:
     step = statistics.median(times)
     row.update(fits=True, seconds=round(step, 4),
                atoms_per_s=round(len(atoms) / step, 1),
-               peak_rss_gb=round(_peak_rss_gb(), 3))
+               peak_rss_gb=round(_results.memory_status()["VmHWM"] / GB, 3))
     out["modes"][mode] = row
     del placed
   return out

@@ -35,22 +35,13 @@ import subprocess
 import sys
 import time
 
+from benchmarks import _results
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Every allocation of at least this many bytes gets its own mmap, returned
 # to the system when freed (a fixed threshold also stops glibc raising it).
 _MMAP_THRESHOLD = 65536
-
-
-def _status() -> dict:
-  """/proc/self/status memory fields, in bytes."""
-  out = {}
-  with open("/proc/self/status") as f:
-    for line in f:
-      key, _, value = line.partition(":")
-      if key in ("VmHWM", "VmRSS"):
-        out[key] = int(value.split()[0]) * 1024
-  return out
 
 
 def _reset_peak() -> None:
@@ -111,11 +102,11 @@ def measure(config, layout_name: str, devices: int) -> dict:
   growth = []
   for _ in range(2):
     gc.collect()
-    before = _status()["VmRSS"]
+    before = _results.memory_status()["VmRSS"]
     _reset_peak()
     state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
-    growth.append(_status()["VmHWM"] - before)
+    growth.append(_results.memory_status()["VmHWM"] - before)
     del metrics
   measured = arguments + growth[-1] / devices
   return {
@@ -175,7 +166,6 @@ def main():
     print(json.dumps([measure(config, name, args.devices)
                       for name in args.child.split(",")]))
     return
-  from benchmarks import _results
   started = time.perf_counter()
   results = run(args.layouts, args.devices, args.config, args.set,
                 args.data_path)
