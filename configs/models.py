@@ -69,6 +69,11 @@ def model_config(name: str, task: str) -> ml_collections.ConfigDict:
   # Rematerialise interaction layers: "", "full", "dots", "dots_no_batch"
   # (see matsci_jax/models/remat.py).
   fields["remat"] = ""
+  if fields["name"] == "egnn":
+    # One nn.scan over stacked layers: deep models compile once and, with
+    # remat, hold one layer at a time (models/remat.py); the parameter
+    # trees of the two forms differ.
+    fields["scan_layers"] = False
   if fields["name"] == "megnet":
     # Structure-level targets use Set2Set; energies with forces must be
     # extensive sums of per-atom terms.

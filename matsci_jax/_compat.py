@@ -30,6 +30,18 @@ def install() -> None:
 install()
 
 
+def varying_axes(tree) -> tuple[str, ...]:
+  """The mesh axes any array of `tree` varies over inside `shard_map`
+  (none outside it)."""
+  axes = set()
+  for leaf in jax.tree_util.tree_leaves(tree):
+    aval = jax.typeof(leaf)
+    mat = getattr(aval, "mat", None)  # jax >= 0.10; `vma` before.
+    axes |= set(mat.varying if mat is not None
+                else getattr(aval, "vma", None) or ())
+  return tuple(sorted(axes))
+
+
 def to_varying(x, axes: tuple[str, ...]):
   """Marks a value replicated over mesh `axes` as device-local inside
   `shard_map` (`jax.lax.pcast` in newer jax, `pvary` before)."""

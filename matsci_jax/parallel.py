@@ -9,9 +9,13 @@ the union of the batches, whatever the number of devices.
 
 Parameters, their EMA and the optimizer state are replicated, or, with
 FSDP (ZeRO-3), each large array is split over the "fsdp" axis along one
-dimension: a device gathers a parameter just before using it and keeps
-only its slice of the gradient (the transpose of that gather is a
-reduce-scatter), and the optimizer updates each slice where it lives.
+dimension: a device gathers a parameter where a layer reads it
+(`GatherOnUse`) and keeps only its slice of the gradient (the transpose
+of that gather is a reduce-scatter, right after the layer's backward
+pass), and the optimizer updates each slice where it lives. In a
+rematerialised layer the gather is recomputed in the backward pass, so
+whole parameters live one layer at a time: per device, memory is the
+state's slices plus one layer's whole parameters, however deep the model.
 
 Two ways to run the same step:
 * "jit": one `jax.jit` with declared `NamedSharding`s for state and batch,
@@ -28,10 +32,12 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.core import meta
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from matsci_jax import _compat
@@ -143,11 +149,48 @@ def _split_dims(param_specs) -> Any:
                                 is_leaf=lambda x: isinstance(x, P))
 
 
-def _gather(params, dims) -> Any:
-  """Whole parameters from their FSDP slices (inside `shard_map`)."""
+class GatherOnUse(flax.struct.PyTreeNode, meta.AxisMetadata):
+  """A parameter's FSDP slice, gathered whole where a module reads it.
+
+  Flax unboxes `AxisMetadata` in `Module.param`, so the all-gather runs
+  inside the layer that uses the parameter: within `nn.remat` it is
+  recomputed for the backward pass instead of being kept, and its
+  transpose (a reduce-scatter of the gradient) runs right after that
+  layer's backward pass. A parameter read in a scan body (edge chunks) is
+  gathered once per iteration: memory stays bounded, traffic grows with
+  the chunks.
+
+  Attributes:
+    value: this device's slice.
+    dim: the dimension split over the "fsdp" axis.
+  """
+  value: Any
+  dim: int = flax.struct.field(pytree_node=False)
+
+  def unbox(self):
+    return jax.lax.all_gather(self.value, "fsdp", axis=self.dim, tiled=True)
+
+  def replace_boxed(self, val):
+    return self.replace(value=val)
+
+  def add_axis(self, index, params):
+    return self.replace(dim=self.dim + (index <= self.dim))
+
+  def remove_axis(self, index, params):
+    if index == self.dim:
+      raise ValueError(
+          f"a parameter split over \"fsdp\" along dimension {index} is "
+          "scanned over that dimension (stacked layers); raise "
+          "parallel.fsdp_min_size or choose an fsdp size that divides "
+          "another of its dimensions")
+    return self.replace(dim=self.dim - (index < self.dim))
+
+
+def _gather_on_use(params, dims) -> Any:
+  """Parameters whose FSDP slices a module gathers when it reads them
+  (inside `shard_map`); replicated ones are passed as they are."""
   return jax.tree_util.tree_map(
-      lambda x, d: x if d is None else jax.lax.all_gather(
-          x, "fsdp", axis=d, tiled=True), params, dims)
+      lambda x, d: x if d is None else GatherOnUse(x, d), params, dims)
 
 
 def _to_varying(x, axes: tuple[str, ...]):
@@ -205,7 +248,7 @@ def make_sharded_train_step(
         params, dims)
 
     def gathered_loss(p, micro, counts):
-      return loss_fn(_gather(p, dims), micro, counts)
+      return loss_fn(_gather_on_use(p, dims), micro, counts)
 
     loss, terms, grads = train_step_lib.accumulate_gradients(
         gathered_loss, local, batch, grad_accum_steps,
@@ -282,7 +325,8 @@ def make_sharded_eval_step(eval_step: Callable, mesh: Mesh,
 
   def per_device(params, batch):
     batch = jax.tree_util.tree_map(lambda x: x[0], batch)
-    return jax.lax.psum(eval_step(_gather(params, dims), batch), AXES)
+    return jax.lax.psum(eval_step(_gather_on_use(params, dims), batch),
+                        AXES)
 
   sharded = jax.shard_map(per_device, mesh=mesh,
                           in_specs=(param_specs, P(AXES)), out_specs=P())

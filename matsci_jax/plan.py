@@ -24,8 +24,9 @@ Per device it reports (`LayoutPlan`):
   with the donated state updated in place. It is XLA's buffer assignment,
   an upper bound of what is live at once (jax's `peak_memory_in_bytes`
   leaves the temporaries out on XLA:CPU, so it is not used);
-* FLOPs per step over all devices (XLA's cost analysis of the compiled
-  per-device program, times the devices);
+* FLOPs per step over all devices (XLA's cost analysis of the lowered
+  per-device program with the model's scans unrolled, times the devices,
+  as training logs them; `models/scan_unroll.py`);
 * parameters that FSDP leaves whole on every device: an array is split
   only along a dimension the "fsdp" size divides, so a 7,000-wide model
   splits over 8 devices but not over 16 or 256. `--fsdp auto` takes the
@@ -293,16 +294,6 @@ class LayoutPlan:
     return self.params + self.ema_params + self.opt_state
 
 
-def _flops(compiled) -> float | None:
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # Optional in XLA: some backends give none.
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get("flops")
-  return None if flops is None else float(flops)
-
 
 @dataclasses.dataclass
 class CompiledLayout:
@@ -351,7 +342,6 @@ def layout_plan(step: CompiledLayout, device_memory: int) -> LayoutPlan:
   peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
           - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
   mesh = step.job.strategy.mesh
-  per_device = _flops(step.compiled)
   state = step.job.state
   return LayoutPlan(
       layout=step.layout.name, devices=mesh.size, mesh=dict(mesh.shape),
@@ -367,7 +357,7 @@ def layout_plan(step: CompiledLayout, device_memory: int) -> LayoutPlan:
       output=int(memory.output_size_in_bytes),
       alias=int(memory.alias_size_in_bytes), peak=int(peak),
       device_memory=int(device_memory), fits=peak <= device_memory,
-      flops_per_step=None if per_device is None else per_device * mesh.size,
+      flops_per_step=step.job.flops_per_step,
       compile_seconds=round(step.seconds, 2))
 
 

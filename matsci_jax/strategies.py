@@ -24,6 +24,7 @@ import jax
 import optax
 
 from matsci_jax import parallel
+from matsci_jax.models import scan_unroll
 from matsci_jax.train_state import TrainState
 
 
@@ -84,13 +85,21 @@ class Strategy:
     """`fn(ema params, placed batch) -> metric sums over all devices`."""
     raise NotImplementedError
 
-  def step_flops(self, train_step: Callable, state: TrainState,
-                 batch) -> float | None:
-    """FLOPs of one training step over all devices, from XLA's cost
-    analysis of the lowered step (no compilation), or None where the
-    backend gives none."""
+  def step_flops(self, make_step: Callable[[], Callable], state: TrainState,
+                 batch, placed: bool = False) -> float | None:
+    """FLOPs of one training step over all devices, or None where the
+    backend gives none.
+
+    XLA's cost analysis of the step that `make_step()` builds, lowered
+    with the model's scans unrolled (`models.scan_unroll`: XLA counts a
+    loop's body once); nothing is compiled. `batch` is a pipeline batch,
+    or with `placed` one already placed (or abstract, as
+    `abstract_train_batch` gives it).
+    """
+    batch = batch if placed else self.place_train(batch)
     try:
-      cost = train_step.lower(state, self.place_train(batch)).cost_analysis()
+      with scan_unroll.unrolled():
+        cost = make_step().lower(state, batch).cost_analysis()
     except Exception:  # Best effort: cost analysis is optional in XLA.
       return None
     if isinstance(cost, (list, tuple)):

@@ -168,7 +168,8 @@ class Job:
       built `abstract`).
     train_step, eval_step: the strategy's jitted steps.
     flops_per_step: FLOPs of one training step over all devices (XLA's
-      cost analysis), or None.
+      cost analysis, every iteration of the model's scans counted), or
+      None.
   """
   task: tasks.Task
   sources: list
@@ -202,7 +203,7 @@ def build(config: ml_collections.ConfigDict, abstract: bool = False) -> Job:
   With `abstract`, the state is shape structs with their shardings
   (`Strategy.abstract_state`) and nothing runs on the devices, so that the
   steps can be compiled ahead of time for models too large to create
-  (`matsci_jax.plan`); `flops_per_step` is then None.
+  (`matsci_jax.plan`).
 
   Call after `check_config` and `parallel.initialize_distributed`.
 
@@ -251,11 +252,19 @@ def build(config: ml_collections.ConfigDict, abstract: bool = False) -> Job:
 
   make_state = strategy.abstract_state if abstract else strategy.create_state
   state = make_state(init, jax.random.PRNGKey(config.train.seed))
-  train_step = strategy.make_train_step(loss_fn, optimizer,
-                                        config.optimizer.ema_decay)
-  flops_per_step = None if abstract else strategy.step_flops(
-      train_step, state, first if strategy.batches_per_step == 1 else
-      pipeline.stack([first] * strategy.batches_per_step))
+  def make_train_step():
+    return strategy.make_train_step(loss_fn, optimizer,
+                                    config.optimizer.ema_decay)
+
+  train_step = make_train_step()
+  if abstract:
+    flops_per_step = strategy.step_flops(
+        make_train_step, state, strategy.abstract_train_batch(first),
+        placed=True)
+  else:
+    flops_per_step = strategy.step_flops(
+        make_train_step, state, first if strategy.batches_per_step == 1
+        else pipeline.stack([first] * strategy.batches_per_step))
   eval_step = strategy.make_eval_step(
       task.make_eval_step(loss_fn, config.loss.free_atoms_only))
   return Job(task, sources, model, spec, normalizer, train_statistics, evals,

@@ -107,7 +107,8 @@ def check_step() -> dict:
              "reference_grad_norm": float(ref_metrics["grad_norm"]),
              "reference_update": max_diff(ref_state.params, params)}
 
-  def compare(name, new_state, metrics):
+  def compare(name, new_state, metrics, ref_state=ref_state,
+              ref_metrics=ref_metrics):
     new_state = jax.device_get(new_state)
     results[name] = {
         "loss": abs(float(metrics["loss"]) - float(ref_metrics["loss"])),
@@ -141,6 +142,25 @@ def check_step() -> dict:
       results[name]["param_elements_per_device"] = int(sum(
           np.prod(s) for s in shard_shapes))
       results[name]["param_elements"] = int(sum(k.size for k in kernels))
+
+  # Layers scanned over stacked parameters, rematerialised, with their
+  # edges in chunks: each layer gathers its FSDP slices where it runs.
+  model_s, loss_s, _ = setup(dict(scan_layers=True, remat="full",
+                                  edge_chunk=64))
+  state_s = train_state.TrainState.create(
+      jax.jit(model_s.init)(jax.random.PRNGKey(0), merged), optimizer)
+  ref_s = jax.jit(train_step.make_train_step(loss_s, optimizer))(
+      state_s, merged)
+  mesh = parallel.make_mesh(2, 4)
+  sharding = parallel.state_shardings(state_s, mesh, fsdp=True, min_size=64)
+  step = parallel.make_sharded_train_step(loss_s, optimizer, mesh, sharding)
+  new_state, metrics = step(
+      jax.device_put(jax.tree_util.tree_map(jnp.copy, state_s), sharding),
+      jax.device_put(stacked, parallel.batch_sharding(mesh)))
+  compare("fsdp_scan_chunks", new_state, metrics, *ref_s)
+  results["fsdp_scan_chunks"]["sharded_layer_arrays"] = sum(
+      "fsdp" in str(x.sharding.spec)
+      for x in jax.tree_util.tree_leaves(new_state.params["params"]["layers"]))
 
   pmap_step = parallel.make_pmap_train_step(loss_fn, optimizer)
   new_state, metrics = pmap_step(parallel.replicate(state), stacked)

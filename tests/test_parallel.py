@@ -36,7 +36,8 @@ def step_results():
 
 
 @pytest.mark.parametrize("strategy", ["data_parallel", "fsdp", "pmap",
-                                      "accumulate_4x2", "accumulate_1x4"])
+                                      "accumulate_4x2", "accumulate_1x4",
+                                      "fsdp_scan_chunks"])
 def test_step_equals_the_single_device_step(step_results, strategy):
   """Same loss, gradient, parameters, momentum (= gradient) and EMA."""
   r = step_results[strategy]
@@ -70,6 +71,7 @@ def test_edges_split_over_devices_equal_one_device():
 
 
 def test_fsdp_splits_the_parameters(step_results):
+  assert step_results["fsdp_scan_chunks"]["sharded_layer_arrays"] >= 4
   r = step_results["fsdp"]
   assert r["sharded_arrays"] >= 4
   # Four-way splits of most of the parameters.

@@ -10,6 +10,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from matsci_jax import config_files, plan
@@ -221,7 +222,7 @@ def test_abstract_build_matches_the_training_state(small_devset, accum):
   config.train.grad_accum_steps = accum
   abstract = train.build(config, abstract=True)
   real = train.build(config)
-  assert abstract.flops_per_step is None
+  assert abstract.flops_per_step == real.flops_per_step > 0
   assert jax.tree_util.tree_structure(abstract.state) == \
       jax.tree_util.tree_structure(real.state)
   for a, r in zip(jax.tree_util.tree_leaves(abstract.state),
@@ -236,6 +237,24 @@ def test_abstract_build_matches_the_training_state(small_devset, accum):
   for a, r in zip(jax.tree_util.tree_leaves(shapes),
                   jax.tree_util.tree_leaves(placed)):
     assert (a.shape, a.dtype, a.sharding) == (r.shape, r.dtype, r.sharding)
+
+
+def test_flops_count_every_iteration_of_the_model_scans(small_devset):
+  """XLA counts a loop's body once; the step's FLOPs count every layer of
+  a scan over layers and every chunk of edges, as the loops' unrolled
+  forms do."""
+  from matsci_jax import train
+  config = _config(small_devset)
+  config.model.num_layers = 4
+  config.model.remat = "full"
+  unrolled = train.build(config, abstract=True).flops_per_step
+  config.model.scan_layers = True
+  scanned = train.build(config, abstract=True).flops_per_step
+  np.testing.assert_allclose(scanned, unrolled, rtol=0.02)
+  config.model.scan_layers = False
+  config.model.edge_chunk = 64
+  # Chunks recompute their edge work once more in the backward pass.
+  assert train.build(config, abstract=True).flops_per_step > unrolled
 
 
 def test_bisection_finds_the_smallest_fitting_count():

@@ -28,6 +28,7 @@ import jraph
 import numpy as np
 
 from matsci_jax import _compat
+from matsci_jax.models import scan_unroll
 
 
 def pad_edges(graph: jraph.GraphsTuple, multiple: int) -> jraph.GraphsTuple:
@@ -101,14 +102,15 @@ def scan_edges(mdl: nn.Module, body: Callable, init: Any, edges: Any,
                           *broadcast)
     return jax.tree_util.tree_map(jnp.add, carry, sums), per_edge
 
-  carry = _varying(jax.tree_util.tree_map(jnp.zeros_like, init), axis)
+  carry = _varying(jax.tree_util.tree_map(jnp.zeros_like, init), axis,
+                   (edges, broadcast))
   # Each chunk is sliced inside the step, and recomputed in the backward
   # pass: nothing per edge is stored for it (storing its activations, or
   # even its slice of the inputs, would bring back memory of all edges).
   scan = nn.scan(nn.remat(step, prevent_cse=False),
                  variable_broadcast="params", split_rngs={"params": False},
                  in_axes=(0,) + (nn.broadcast,) * (1 + len(broadcast)),
-                 length=full)
+                 length=full, unroll=scan_unroll.unroll())
   sums, per_edge = scan(mdl, carry, jnp.arange(full), edges, *broadcast)
   per_edge = jax.tree_util.tree_map(
       lambda x: x.reshape((full * chunk,) + x.shape[2:]), per_edge)
@@ -153,7 +155,9 @@ def reduce_edges(fn: Callable, init: Any, edges: Any,
     part = fn(_chunk(edges, index * chunk, chunk), *broadcast)
     return jax.tree_util.tree_map(combine, carry, part), None
 
-  out, _ = jax.lax.scan(step, _varying(init, axis), jnp.arange(full))
+  out, _ = jax.lax.scan(step, _varying(init, axis, (edges, broadcast)),
+                        jnp.arange(full),
+                        unroll=scan_unroll.unroll())
   if rest:
     part = jax.checkpoint(fn)(_chunk(edges, full * chunk, rest), *broadcast)
     out = jax.tree_util.tree_map(combine, out, part)
@@ -170,9 +174,16 @@ def _chunk(edges: Any, start, size: int) -> Any:
       lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), edges)
 
 
-def _varying(x: Any, axis: str | tuple[str, ...] | None) -> Any:
-  """A scan's initial carry, marked as varying over `axis` like the sums
-  each device adds to it."""
-  if axis is None:
-    return x
-  return _compat.to_varying(x, axis if isinstance(axis, tuple) else (axis,))
+def _varying(x: Any, axis: str | tuple[str, ...] | None, like: Any) -> Any:
+  """A scan's initial carry, marked as varying over `axis` and over every
+  mesh axis the scanned inputs `like` vary over (inside `shard_map`, a
+  device's batch does), like the sums each step adds to it."""
+  axes = set(() if axis is None else
+             axis if isinstance(axis, tuple) else (axis,))
+  axes |= set(_compat.varying_axes(like))
+
+  def mark(leaf):
+    missing = tuple(sorted(axes - set(_compat.varying_axes(leaf))))
+    return _compat.to_varying(leaf, missing)
+
+  return jax.tree_util.tree_map(mark, x)

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import jraph
 
 from matsci_jax import _compat  # noqa: F401  (jraph needs it)
-from matsci_jax.models import edge_sums, geometry, registry, remat
+from matsci_jax.models import (edge_sums, geometry, registry, remat,
+                               scan_unroll)
 
 
 def _edge_terms(x: jax.Array, graph: jraph.GraphsTuple, edges: dict,
@@ -125,9 +126,13 @@ class EGNNLayer(nn.Module):
   dtype: Any = jnp.float32
   edge_chunk: int = 0
   edge_axis: str | tuple[str, ...] | None = None
+  recompute_edges: bool = False  # edges holds the raw edges, not terms.
 
   @nn.compact
   def __call__(self, h, x, edges, graph):
+    if self.recompute_edges:
+      edges = _edge_terms(x, graph, edges, self.cutoff, self.num_radial,
+                          self.coordinate_update)
     act = getattr(jax.nn, self.activation)
     d = self.hidden_dim
     n_node = h.shape[0]
@@ -166,6 +171,11 @@ class EGNN(registry.EnergyModel):
     readout_hidden: width of the per-atom output MLP.
     num_species: size of the atom-type embedding table (Z < num_species).
     remat: rematerialise each layer with this policy (see `models.remat`).
+    scan_layers: run the layers as one `nn.scan` over parameters stacked
+      along a leading axis ("layers" instead of "layer_0", "layer_1", ...):
+      compiled once whatever the depth, and with remat the step holds one
+      layer's intermediates at a time (large models; checkpoints of the
+      two forms do not load into each other).
     dtype: computation dtype of the dense layers (jnp.bfloat16 for mixed
       precision); parameters, positions, sums and outputs stay float32.
   """
@@ -179,6 +189,7 @@ class EGNN(registry.EnergyModel):
   readout_hidden: int = 64
   num_species: int = 119
   remat: str = ""
+  scan_layers: bool = False
 
   head_modules = ("readout", "readout_out")
 
@@ -212,16 +223,28 @@ class EGNN(registry.EnergyModel):
       return _edge_terms(x, graph, raw, self.cutoff, self.num_radial,
                          self.coordinate_update)
 
-    edges = edge_terms(x)
-    layer = remat.wrap(EGNNLayer, self.remat)
-    for i in range(self.num_layers):
-      if self.coordinate_update and i > 0:
-        edges = edge_terms(x)
-      h, x = layer(self.hidden_dim, self.activation,
-                   self.avg_num_neighbors, self.coordinate_update,
-                   self.cutoff, self.num_radial, dtype=self.dtype,
-                   edge_chunk=chunk, edge_axis=self.edge_axis,
-                   name=f"layer_{i}")(h, x, edges, graph)
+    layer = functools.partial(
+        remat.wrap(EGNNLayer, self.remat), self.hidden_dim, self.activation,
+        self.avg_num_neighbors, self.coordinate_update, self.cutoff,
+        self.num_radial, dtype=self.dtype, edge_chunk=chunk,
+        edge_axis=self.edge_axis)
+    if self.scan_layers:
+      # With coordinate updates every step computes its edge terms from the
+      # positions it receives (the first from the input positions).
+      recompute = self.coordinate_update and not chunk
+      steps = nn.scan(
+          lambda mdl, carry, edges, graph: (mdl(*carry, edges, graph), None),
+          variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers,
+          unroll=scan_unroll.unroll())
+      (h, x), _ = steps(layer(recompute_edges=recompute, name="layers"),
+                        (h, x), raw if recompute else edge_terms(x), graph)
+    else:
+      edges = edge_terms(x)
+      for i in range(self.num_layers):
+        if self.coordinate_update and i > 0:
+          edges = edge_terms(x)
+        h, x = layer(name=f"layer_{i}")(h, x, edges, graph)
     dense = functools.partial(nn.Dense, dtype=self.dtype)
     out = dense(self.num_heads, name="readout_out")(
         act(dense(self.readout_hidden, name="readout")(h)))

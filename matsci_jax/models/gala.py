@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import jraph
 
 from matsci_jax import _compat  # noqa: F401  (jraph needs it)
-from matsci_jax.models import edge_sums, geometry, registry, remat
+from matsci_jax.models import (edge_sums, geometry, registry, remat,
+                               scan_unroll)
 
 
 def _smooth_norm(x2: jax.Array, eps: float = 1e-4) -> jax.Array:
@@ -167,7 +168,8 @@ def _chunked(name: str, chunk_rows: int, policy: str, r, h, weight,
   # would bring back the memory the chunks save.
   scan = nn.scan(nn.remat(GalaBlock, prevent_cse=False),
                  variable_broadcast="params", split_rngs={"params": False},
-                 in_axes=0, out_axes=0, length=n)
+                 in_axes=0, out_axes=0, length=n,
+                 unroll=scan_unroll.unroll())
   _, outs = scan(name=name, **fields)(None, split(r), split(h), split(weight))
   return jax.tree_util.tree_map(
       lambda x: x.reshape((n * chunk_rows,) + x.shape[2:])[:rows], outs)

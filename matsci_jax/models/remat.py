@@ -8,6 +8,20 @@ rest is recomputed there, trading compute for activation memory:
 * "dots_no_batch": keep those without batch dimensions.
 Gradients are the same as without it, up to floating-point reordering.
 
+A layer is wrapped twice. S2EF losses differentiate forces, themselves a
+gradient, so a training step differentiates each layer's backward pass:
+with one wrapper, the forward pass that backward pass recomputes is plain
+code to the outer derivative, which then keeps all its intermediates
+(several [edges, width] arrays per layer). The second wrapper makes the
+outer derivative recompute it too, so per layer only its inputs are kept;
+first derivatives cost no more (the inner wrapper then only evaluates).
+
+Unrolled layers leave the compiler free to run every recomputation early,
+which it may do for second derivatives whatever the scheduler; a model
+that scans over its layers (EGNN's `scan_layers`) runs them in order, so
+memory is bounded by one layer however deep the model
+(benchmarks/plan_paper_sizes.py).
+
 The saving depends on the compiler scheduling the recomputation late. GPU
 and TPU schedulers do; XLA:CPU's default one favours concurrency and
 recomputes early, which undoes it: on a CPU set
@@ -34,4 +48,5 @@ def wrap(layer: type[nn.Module], policy: str) -> type[nn.Module]:
   if policy not in POLICIES:
     raise ValueError(f"remat must be '' or one of {sorted(POLICIES)}, got "
                      f"{policy!r}")
-  return nn.remat(layer, policy=POLICIES[policy])
+  return nn.remat(nn.remat(layer, policy=POLICIES[policy]),
+                  policy=POLICIES[policy])

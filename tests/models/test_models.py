@@ -265,6 +265,44 @@ def test_remat_gives_the_same_gradients(case):
     _model(case, remat="some", **extra).init(jax.random.PRNGKey(0), graph)
 
 
+@pytest.mark.parametrize("case,remat", [("egnn", ""),
+                                         ("egnn_coords", "full")])
+def test_egnn_scanned_layers_equal_unrolled_ones(case, remat):
+  """`scan_layers` runs the same layers: with the unrolled parameters
+  stacked, energies, forces and force-loss gradients agree."""
+  graph = batch_examples([graph_from_atoms(a, CUTOFF, None)
+                          for a in _structures()])
+  norm = Normalizer.identity()
+  unrolled = _model(case, remat=remat, num_layers=3)
+  scanned = unrolled.clone(scan_layers=True)
+  params = jax.jit(unrolled.init)(jax.random.PRNGKey(0), graph)
+  inner = dict(params["params"])
+  layers = [inner.pop(f"layer_{i}") for i in range(3)]
+  stacked = {"params": dict(inner, layers=jax.tree_util.tree_map(
+      lambda *a: jnp.stack(a), *layers))}
+  shapes = jax.eval_shape(scanned.init, jax.random.PRNGKey(0), graph)
+  assert jax.tree_util.tree_structure(shapes) == (
+      jax.tree_util.tree_structure(stacked))
+
+  def force_loss(model, p):
+    e, f = make_energy_and_forces_fn(model, norm)(p, graph)
+    return jnp.sum(e) + jnp.sum(f * f), (e, f)
+
+  (loss, (e, f)), grads = jax.jit(jax.value_and_grad(
+      lambda p: force_loss(unrolled, p), has_aux=True))(params)
+  (loss_s, (e_s, f_s)), grads_s = jax.jit(jax.value_and_grad(
+      lambda p: force_loss(scanned, p), has_aux=True))(stacked)
+  np.testing.assert_allclose(e_s, e, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(f_s, f, rtol=1e-4, atol=1e-6)
+  assert np.abs(np.asarray(f)).max() > 1e-3
+  np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
+  for i in range(3):
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-4,
+                                                atol=1e-6),
+        grads_s["params"]["layers"], grads["params"][f"layer_{i}"])
+
+
 @pytest.mark.parametrize("case", ["egnn", "megnet", "gala"])
 def test_bf16_matmuls_keep_float32_parameters_energies_and_forces(case):
   graph_kwargs, extra = {}, {}
