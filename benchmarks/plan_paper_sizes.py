@@ -7,9 +7,10 @@ r"""The smallest mesh of 80 GB devices for each layout of the paper sizes.
 The EGNN sizes of configs/scaling_paper.py (hidden 2,500 to 7,000 with 12
 to 30 layers; `--sizes HIDDEN,LAYERS` for others, readout half the
 width), trained as that recipe trains them (4 structures per device and
-micro-batch, 2 micro-batches, `parallel.fsdp_min_size` 2**14) but on the
-built-in dev set, whose batch shapes are those training chooses there
-(`--set data.max_nodes=...` sizes batches like another dataset's). For
+micro-batch, 2 micro-batches, `parallel.fsdp_min_size` 2**14, layers
+scanned where rematerialised) but on the built-in dev set, whose batch
+shapes are those training chooses there (`--set data.max_nodes=...` sizes
+batches like another dataset's). For
 every layout of `matsci_jax.plan` it finds the smallest power-of-two
 device count, up to `--max-devices`, whose planned peak fits a device,
 and prints JSON with a markdown table; `--record` writes both to
@@ -43,7 +44,7 @@ BASE = "configs/s2ef.py"
 # configs/scaling_paper.py's overrides that shape a step; the others (its
 # data, processes, logging) and the layout's own fields do not apply.
 _RECIPE_FIELDS = ("data.batch_size", "train.grad_accum_steps",
-                  "parallel.fsdp_min_size")
+                  "parallel.fsdp_min_size", "model.scan_layers")
 
 
 def paper_sizes() -> list[tuple[int, int, int]]:
@@ -113,21 +114,42 @@ def smallest_fitting(candidates: list[int], fits) -> int | None:
   return candidates[hi]
 
 
+def layout_fields(fields: dict, layout) -> dict:
+  """The recipe's fields for `layout`: layers are scanned only where they
+  are rematerialised (without remat a scan keeps every layer's
+  intermediates, stacked, for the backward pass: more memory than
+  unrolled layers, which the compiler frees as it goes)."""
+  if layout.remat or not fields.get("model.scan_layers"):
+    return fields
+  return dict(fields, **{"model.scan_layers": False})
+
+
 def search(planner: Planner, fields: dict, layouts: list[str],
            memory: int, max_devices: int, min_size: int) -> dict:
   """The smallest fitting mesh of each layout for one model size."""
   from benchmarks.plan_validation import apply_settings
   from matsci_jax import config_files, plan
-  config = config_files.load(BASE)
-  config.train.progress_bar = False
-  config.update_from_flattened_dict(fields)
-  apply_settings(config, planner.settings)
-  state = plan.abstract_state(config)
-  out = {"num_params": plan.num_scalars(state.params), "layouts": {}}
+  states = {}
+
+  def abstract_state(fields):
+    key = tuple(sorted(fields.items()))
+    if key not in states:
+      config = config_files.load(BASE)
+      config.train.progress_bar = False
+      config.update_from_flattened_dict(fields)
+      apply_settings(config, planner.settings)
+      states[key] = plan.abstract_state(config)
+    return states[key]
+
+  out = {"num_params": plan.num_scalars(abstract_state(fields).params),
+         "layouts": {}}
   counts = [2 ** k for k in range(max_devices.bit_length())
             if 2 ** k <= max_devices]
+  all_fields = fields
   for name in layouts:
     layout = plan.get_layout(name)
+    fields = layout_fields(all_fields, layout)
+    state = abstract_state(fields)
     if not layout.fsdp:
       candidates = [1] if plan.fsdp_bytes(state, 1, min_size) <= memory \
           else []

@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
       "data.prefetch": 4,
       "precision": "bf16",
       "model.remat": "full",
+      "model.scan_layers": True,  # One layer's intermediates at a time.
       "mesh.data": -1,
       "mesh.fsdp": 4,  # Divides every width of the grid.
       "parallel.fsdp_min_size": 2 ** 14,

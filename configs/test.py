@@ -3,6 +3,7 @@ r"""A tiny run for tests: a few steps of a small model.
     python -m matsci_jax.main --config=configs/test.py \
         --config.data.path=DATASET_DIR --workdir=/tmp/run
     python -m matsci_jax.main --config=configs/test.py:is2re,gala ...
+    (models: egnn, megnet, gala, nequip)
 
 Hardware: any CPU; about 20 s, mostly compilation. Tests point `data.path`
 at a small converted dataset.
@@ -19,6 +20,8 @@ _TINY = {
     "megnet": dict(embed_dim=8, pre=(16, 16), block_mlp=(16, 16, 16),
                    num_blocks=2, num_gaussians=16, readout_mlp=(16,)),
     "gala": dict(hidden_dim=16, depth=1, dilation=1.0),
+    "nequip": dict(hidden_irreps="8x0e + 4x1o + 2x2e", num_layers=2,
+                   num_radial=4, radial_hidden=8, readout_hidden=8),
 }
 
 

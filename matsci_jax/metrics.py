@@ -5,6 +5,9 @@ totals into metrics, so that the result does not depend on how structures
 were packed into batches:
 
 * energy_mae: mean |E_pred - E| over structures (eV);
+* energy_per_atom_mae: mean |E_pred - E| / atoms over structures (eV/atom,
+  every atom of the structure counted, as interatomic-potential
+  benchmarks report it);
 * force_mae: mean |F_pred - F| over force components of counted atoms (eV/Å);
 * force_cos: mean cosine between predicted and true forces per counted atom;
 * efwt: share of structures with |dE| < 0.02 eV and every counted force
@@ -33,8 +36,10 @@ def batch_sums(graph, energy_pred, energy_true, forces_pred=None,
   gmask = graph.globals["mask"]
   e_err = jnp.abs(energy_pred - energy_true)
   e_err = jnp.where(gmask, e_err, 0.0)
+  atoms = jnp.maximum(graph.n_node, 1).astype(e_err.dtype)
   out = {
       "energy_abs": jnp.sum(e_err),
+      "energy_abs_per_atom": jnp.sum(e_err / atoms),
       "energy_ok": jnp.sum(gmask & (e_err < ENERGY_THRESHOLD)),
       "graphs": jnp.sum(gmask),
   }
@@ -79,6 +84,7 @@ def finalize(total: dict) -> dict:
   """Metrics from accumulated sums."""
   graphs = max(float(total["graphs"]), 1.0)
   out = {"energy_mae": float(total["energy_abs"]) / graphs,
+         "energy_per_atom_mae": float(total["energy_abs_per_atom"]) / graphs,
          "ewt": float(total["energy_ok"]) / graphs,
          "num_structures": int(total["graphs"])}
   if "force_abs" in total and total["force_components"] > 0:

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax.core import meta
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -160,29 +161,44 @@ class GatherOnUse(flax.struct.PyTreeNode, meta.AxisMetadata):
   gathered once per iteration: memory stays bounded, traffic grows with
   the chunks.
 
+  Layers stacked along a leading axis (`nn.scan` over layers) remove that
+  axis from their parameters: the split dimension moves with it, or, for
+  an array split along the stacking axis itself (when no other dimension
+  divides by the fsdp size, e.g. a bias [16 layers, 3500] over 16
+  devices), the array is gathered whole before the scan; it then costs
+  as much memory as a replicated one, and a warning names it.
+
   Attributes:
-    value: this device's slice.
-    dim: the dimension split over the "fsdp" axis.
+    value: this device's slice (or the whole array, gathered).
+    dim: the dimension split over the "fsdp" axis; None once gathered.
   """
   value: Any
-  dim: int = flax.struct.field(pytree_node=False)
+  dim: int | None = flax.struct.field(pytree_node=False)
 
   def unbox(self):
+    if self.dim is None:
+      return self.value
     return jax.lax.all_gather(self.value, "fsdp", axis=self.dim, tiled=True)
 
   def replace_boxed(self, val):
     return self.replace(value=val)
 
   def add_axis(self, index, params):
+    if self.dim is None:
+      return self
     return self.replace(dim=self.dim + (index <= self.dim))
 
   def remove_axis(self, index, params):
+    if self.dim is None:
+      return self
     if index == self.dim:
-      raise ValueError(
-          f"a parameter split over \"fsdp\" along dimension {index} is "
-          "scanned over that dimension (stacked layers); raise "
-          "parallel.fsdp_min_size or choose an fsdp size that divides "
-          "another of its dimensions")
+      logging.warning(
+          "FSDP split an array of local shape %s along the axis its layers "
+          "are stacked on; it is gathered whole before the scan over "
+          "layers (choose an fsdp size that divides another of its "
+          "dimensions, or raise parallel.fsdp_min_size)",
+          tuple(self.value.shape))
+      return self.replace(value=self.unbox(), dim=None)
     return self.replace(dim=self.dim - (index < self.dim))
 
 

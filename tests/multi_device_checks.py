@@ -145,22 +145,28 @@ def check_step() -> dict:
 
   # Layers scanned over stacked parameters, rematerialised, with their
   # edges in chunks: each layer gathers its FSDP slices where it runs.
-  model_s, loss_s, _ = setup(dict(scan_layers=True, remat="full",
-                                  edge_chunk=64))
-  state_s = train_state.TrainState.create(
-      jax.jit(model_s.init)(jax.random.PRNGKey(0), merged), optimizer)
-  ref_s = jax.jit(train_step.make_train_step(loss_s, optimizer))(
-      state_s, merged)
-  mesh = parallel.make_mesh(2, 4)
-  sharding = parallel.state_shardings(state_s, mesh, fsdp=True, min_size=64)
-  step = parallel.make_sharded_train_step(loss_s, optimizer, mesh, sharding)
-  new_state, metrics = step(
-      jax.device_put(jax.tree_util.tree_map(jnp.copy, state_s), sharding),
-      jax.device_put(stacked, parallel.batch_sharding(mesh)))
-  compare("fsdp_scan_chunks", new_state, metrics, *ref_s)
-  results["fsdp_scan_chunks"]["sharded_layer_arrays"] = sum(
-      "fsdp" in str(x.sharding.spec)
-      for x in jax.tree_util.tree_leaves(new_state.params["params"]["layers"]))
+  # Width 30 and 4 layers over fsdp 4: only the stacking axis divides, so
+  # the layers' arrays are split along it and gathered before the scan.
+  for name, extra in (("fsdp_scan_chunks", dict(edge_chunk=64)),
+                      ("fsdp_scan_stack_split",
+                       dict(hidden_dim=30, num_layers=4))):
+    model_s, loss_s, _ = setup(dict(scan_layers=True, remat="full", **extra))
+    state_s = train_state.TrainState.create(
+        jax.jit(model_s.init)(jax.random.PRNGKey(0), merged), optimizer)
+    ref_s = jax.jit(train_step.make_train_step(loss_s, optimizer))(
+        state_s, merged)
+    mesh = parallel.make_mesh(2, 4)
+    sharding = parallel.state_shardings(state_s, mesh, fsdp=True,
+                                        min_size=64)
+    step = parallel.make_sharded_train_step(loss_s, optimizer, mesh,
+                                            sharding)
+    new_state, metrics = step(
+        jax.device_put(jax.tree_util.tree_map(jnp.copy, state_s), sharding),
+        jax.device_put(stacked, parallel.batch_sharding(mesh)))
+    compare(name, new_state, metrics, *ref_s)
+    layers = jax.tree_util.tree_leaves(new_state.params["params"]["layers"])
+    results[name]["layer_arrays_split"] = [
+        str(x.sharding.spec) for x in layers if "fsdp" in str(x.sharding.spec)]
 
   pmap_step = parallel.make_pmap_train_step(loss_fn, optimizer)
   new_state, metrics = pmap_step(parallel.replicate(state), stacked)
@@ -314,8 +320,9 @@ def check_edges() -> dict:
   cell.rattle(0.05, seed=2)
   out = {}
   # Between them, every kind of edge work (EGNN messages, MEGNet edge
-  # states and Set2Set edge pooling, GALA rows) and stress.
-  for case in ("egnn", "megnet_set2set", "gala"):
+  # states and Set2Set edge pooling, GALA rows, NequIP tensor products)
+  # and stress.
+  for case in ("egnn", "megnet_set2set", "gala", "nequip"):
     graph_kwargs = CASES[case][1]
     graph = batch_examples([graph_from_atoms(a, CUTOFF, None, **graph_kwargs)
                             for a in _structures() + [cell]])

@@ -12,7 +12,8 @@ from matsci_jax.config_checks import ConfigError, check_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = config_files.sibling(os.path.join(REPO, "configs", "s2ef.py"),
                               "models").names()
-TINY_MODELS = ("egnn", "megnet", "gala")  # The models configs/test.py sizes.
+# The models configs/test.py sizes.
+TINY_MODELS = ("egnn", "megnet", "gala", "nequip")
 # The `get_config` argument of every config file (None: its default).
 CONFIG_ARGS = {
     "s2ef.py": [None] + MODELS,

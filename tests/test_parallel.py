@@ -37,7 +37,8 @@ def step_results():
 
 @pytest.mark.parametrize("strategy", ["data_parallel", "fsdp", "pmap",
                                       "accumulate_4x2", "accumulate_1x4",
-                                      "fsdp_scan_chunks"])
+                                      "fsdp_scan_chunks",
+                                      "fsdp_scan_stack_split"])
 def test_step_equals_the_single_device_step(step_results, strategy):
   """Same loss, gradient, parameters, momentum (= gradient) and EMA."""
   r = step_results[strategy]
@@ -59,7 +60,7 @@ def test_edges_split_over_devices_equal_one_device():
   devices (atoms replicated), and also in chunks there."""
   results = _run_checks("edges")
   temp = results.pop("temp_bytes")
-  assert len(results) == 6
+  assert len(results) == 8
   for name, errors in results.items():
     assert errors["force_scale"] > 1e-4, name  # Not trivially equal.
     for key in ("energy", "forces", "stress"):
@@ -71,7 +72,12 @@ def test_edges_split_over_devices_equal_one_device():
 
 
 def test_fsdp_splits_the_parameters(step_results):
-  assert step_results["fsdp_scan_chunks"]["sharded_layer_arrays"] >= 4
+  # Stacked layers: split along a layer's own dimensions, or (width 30
+  # over 4 devices) along the stacking axis.
+  split = step_results["fsdp_scan_chunks"]["layer_arrays_split"]
+  assert len(split) >= 4 and all(s.startswith("P(None,") for s in split)
+  split = step_results["fsdp_scan_stack_split"]["layer_arrays_split"]
+  assert len(split) >= 4 and all(s.startswith("P('fsdp'") for s in split)
   r = step_results["fsdp"]
   assert r["sharded_arrays"] >= 4
   # Four-way splits of most of the parameters.
