@@ -6,8 +6,8 @@ EMA parameters on the validation splits with OC20 metrics, checkpoints with
 orbax (state and data-iterator position, so that a killed run resumes to the
 same result), and logs losses, metrics, learning rate, throughput, padding
 efficiency and the number of compilations to the console, `metrics.csv` and
-TensorBoard; it redraws the learning curve at each evaluation and draws
-parity figures at the end, into `workdir/plots/` (`matsci_jax.plots`).
+TensorBoard; it redraws the learning curve and the parity figures at each
+evaluation, into `workdir/plots/` (`matsci_jax.plots`).
 Final metrics go to `workdir/metrics.json`.
 
 The pieces it calls, one decision each: `tasks` (targets, loss, metrics),
@@ -331,6 +331,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                evaluate(job.eval_step, params, d, strategy).items()}
     writer.write(step, results)
     figures.learning_curve(step)
+    # The first draw compiles a prediction step, before the compile count
+    # that later steps are checked against (after the first evaluation).
+    figures.parity(step, params)
     return results
 
   started = time.perf_counter()
@@ -372,9 +375,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                   if warm_compiles is not None else None),
   }
   run.write_result(result)
-  # After counting compiles: the prediction step these compile is not a
-  # recompilation of training.
-  figures.parity(final_step, state.ema_params)
   writer.close()
   ckpt.close()
   return result

@@ -96,6 +96,24 @@ def test_parity_figure_follows_the_model(trained_job, tmp_path):
   assert first.shape == other.shape and not np.array_equal(first, other)
 
 
+def test_each_evaluation_redraws_the_parity_figure(trained_job, tmp_path):
+  """A run's figures at two evaluations: the second overwrites the first
+  with the new model's, and compiles nothing more."""
+  from matsci_jax import monitoring
+  job, trained, _ = trained_job
+  loss_config = trained.config.loss
+  figures = plots.RunPlots(str(tmp_path), job, loss_config)
+  untrained = job.strategy.host_state(job.state).ema_params
+  moved = jax.tree_util.tree_map(lambda x: x + 0.05, untrained)
+  path = tmp_path / "plots" / "parity_val.png"
+  assert figures.parity(20, untrained) == [str(path)]
+  before, compiles = _read_png(path), monitoring.compile_count()
+  assert figures.parity(40, moved) == [str(path)]
+  assert monitoring.compile_count() == compiles
+  after = _read_png(path)
+  assert before.shape == after.shape and not np.array_equal(before, after)
+
+
 def _short_run(small_devset, tmp_path, spec="egnn", **train_fields):
   config = test_config.get_config(spec)
   task = "is2re" if spec.startswith("is2re") else "s2ef"
