@@ -24,11 +24,10 @@ Hardware: a TPU v5p-512 slice (256 chips, 64 hosts; 95 GB of HBM and
 size divides: 4 divides every width here (2,500 to 7,000), 256 none, so
 the mesh is 64 (data) x 4 (fsdp). Plan the runs first
 (`python -m matsci_jax.plan`, README "Large structures and large models"):
-on 80 GB devices the three smaller models fit (5,000 x 22 in bf16 with
-remat, 70 GB per device at fsdp 4), while 7,000 x 30 fits no layout of
-today's FSDP, which gathers every parameter for the whole step (136 GB per
-device at fsdp 8); its runs need per-layer gathering or larger devices.
-A step trains 256 x 4 x 2 = 2,048 structures.
+with layers rematerialised and scanned, each gathering its parameters as
+it runs, every size fits 80 GB devices at fsdp 4 (7,000 x 30: 75 GB per
+device planned on dev-set batches; 95 GB here). A step trains
+256 x 4 x 2 = 2,048 structures.
 
 Expected cost (an estimate; this recipe has not been run): XLA counts an
 S2EF training step of EGNN (forces and their parameter gradient) at about

@@ -370,6 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "train_seconds": train_seconds,
       "device_kind": jax.devices()[0].device_kind,
       "padding_efficiency": efficiency,
+      "plots_seconds": round(figures.seconds, 2),
       "compiles_total": compiles - compiles_at_start,
       "recompiles_after_warmup": (compiles - warm_compiles
                                   if warm_compiles is not None else None),
