@@ -13,8 +13,11 @@ gradient, so a training step differentiates each layer's backward pass:
 with one wrapper, the forward pass that backward pass recomputes is plain
 code to the outer derivative, which then keeps all its intermediates
 (several [edges, width] arrays per layer). The second wrapper makes the
-outer derivative recompute it too, so per layer only its inputs are kept;
-first derivatives cost no more (the inner wrapper then only evaluates).
+outer derivative recompute it too, so per layer only its inputs are kept.
+That costs about 9% more FLOPs than one wrapper (an EGNN S2EF step: 1.97
+against 1.80 times the step without remat, by XLA's count); first
+derivatives (IS2RE) cost the same either way, the inner wrapper then only
+evaluating.
 
 Unrolled layers leave the compiler free to run every recomputation early,
 which it may do for second derivatives whatever the scheduler; a model
