@@ -148,6 +148,9 @@ def main():
                  default=[0.30, 0.20, 0.15])
   p.add_argument("--record", action="store_true")
   args = p.parse_args()
+  if args.steps < 2 or args.eval_every < 1:
+    p.error("--steps must be at least 2 (the first is not timed) and "
+            "--eval-every at least 1")
   results = {"steps": args.steps, "eval_every": args.eval_every,
              "models": args.models, "runs": {}}
   with tempfile.TemporaryDirectory() as tmp:

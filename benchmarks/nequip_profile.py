@@ -42,14 +42,19 @@ SCOPES = ("edge_geometry", "radial_mlp", "gather", "tensor_product",
 
 def op_scopes(hlo_text: str) -> dict[str, str]:
   """Compiled operation name -> the named scope of its metadata (or
-  "other"), for every operation of the program."""
+  "other"), for every operation of the program.
+
+  A scope is matched as a whole component of the op's name stack, also
+  where a transformation wraps it ("jvp(radial_mlp)/...").
+  """
+  patterns = {s: re.compile(rf"(^|[/(]){s}([)/]|$)") for s in SCOPES}
   out = {}
   for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?"
                        r"metadata=\{[^}]*op_name=\"([^\"]*)\"",
                        hlo_text, re.MULTILINE):
     name, op_name = m.groups()
-    parts = set(op_name.split("/"))
-    out[name] = next((s for s in SCOPES if s in parts), "other")
+    out[name] = next((s for s, p in patterns.items() if p.search(op_name)),
+                     "other")
   return out
 
 
@@ -85,8 +90,10 @@ def main():
     step, state, strategy, _ = tt.make_step(args.model, split, batches,
                                             config)
     placed = [strategy.place_train(b) for b in batches]
-    scopes = op_scopes(step.lower(state, placed[0]).compile().as_text())
-    for b in placed[:2]:  # Compile and warm up.
+    # The traced program is this compiled one, whose names the trace uses.
+    step = step.lower(state, placed[0]).compile()
+    scopes = op_scopes(step.as_text())
+    for b in placed[:2]:  # Warm up.
       state, m = step(state, b)
     jax.block_until_ready(m)
     folder = os.path.join(tmp, "trace")

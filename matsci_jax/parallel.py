@@ -14,8 +14,10 @@ dimension: a device gathers a parameter where a layer reads it
 of that gather is a reduce-scatter, right after the layer's backward
 pass), and the optimizer updates each slice where it lives. In a
 rematerialised layer the gather is recomputed in the backward pass, so
-whole parameters live one layer at a time: per device, memory is the
-state's slices plus one layer's whole parameters, however deep the model.
+whole parameters need not outlive their layer; with layers scanned in
+order (EGNN's `scan_layers`) per-device memory is the state's slices plus
+one layer's whole parameters, however deep the model (unrolled layers
+leave the compiler free to schedule otherwise, see `models/remat.py`).
 
 Two ways to run the same step:
 * "jit": one `jax.jit` with declared `NamedSharding`s for state and batch,
@@ -104,14 +106,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def fsdp_dim(shape: Sequence[int], fsdp: int, min_size: int) -> int | None:
   """The dimension an array of `shape` is split along, or None.
 
-  The largest dimension divisible by the "fsdp" size, for arrays of at
-  least `min_size` elements: small arrays (biases, norms) stay replicated,
-  where splitting would cost more in latency than it saves.
+  The largest dimension divisible by the "fsdp" size (the last of equal
+  ones, so that layers stacked along a leading axis split along their
+  own dimensions where they can), for arrays of at least `min_size`
+  elements: small arrays (biases, norms) stay replicated, where splitting
+  would cost more in latency than it saves.
   """
   if fsdp <= 1 or math.prod(shape) < min_size:
     return None
   dims = [d for d in range(len(shape)) if shape[d] % fsdp == 0]
-  return max(dims, key=lambda d: shape[d]) if dims else None
+  return max(dims, key=lambda d: (shape[d], d)) if dims else None
 
 
 def _spec(shape, fsdp: int, min_size: int) -> P:
@@ -163,10 +167,11 @@ class GatherOnUse(flax.struct.PyTreeNode, meta.AxisMetadata):
 
   Layers stacked along a leading axis (`nn.scan` over layers) remove that
   axis from their parameters: the split dimension moves with it, or, for
-  an array split along the stacking axis itself (when no other dimension
-  divides by the fsdp size, e.g. a bias [16 layers, 3500] over 16
+  an array split along the stacking axis itself (`fsdp_dim` chose it as
+  the largest divisible dimension, e.g. a bias [16 layers, 3500] over 16
   devices), the array is gathered whole before the scan; it then costs
-  as much memory as a replicated one, and a warning names it.
+  as much memory as a replicated one, and a warning names it (at each
+  tracing of the step).
 
   Attributes:
     value: this device's slice (or the whole array, gathered).
@@ -176,21 +181,28 @@ class GatherOnUse(flax.struct.PyTreeNode, meta.AxisMetadata):
   dim: int | None = flax.struct.field(pytree_node=False)
 
   def unbox(self):
+    """The whole parameter (an all-gather over "fsdp")."""
     if self.dim is None:
       return self.value
     return jax.lax.all_gather(self.value, "fsdp", axis=self.dim, tiled=True)
 
   def replace_boxed(self, val):
+    """The same box around `val`."""
     return self.replace(value=val)
 
   def add_axis(self, index, params):
+    """The box after a transformation inserts axis `index`."""
     if self.dim is None:
       return self
+    index = index % (self.value.ndim + 1)
     return self.replace(dim=self.dim + (index <= self.dim))
 
   def remove_axis(self, index, params):
+    """The box after a transformation removes axis `index` (a scan over
+    stacked layers)."""
     if self.dim is None:
       return self
+    index = index % self.value.ndim
     if index == self.dim:
       logging.warning(
           "FSDP split an array of local shape %s along the axis its layers "

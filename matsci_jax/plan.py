@@ -235,7 +235,7 @@ def abstract_state(config):
   cfg = copy.deepcopy(config)
   with cfg.unlocked():
     cfg.update_from_flattened_dict({"mesh.data": -1, "mesh.fsdp": 1})
-  return train.build(cfg, abstract=True).state
+  return train.build(cfg, abstract=True, count_flops=False).state
 
 
 def num_scalars(tree) -> int:
@@ -292,7 +292,6 @@ class LayoutPlan:
   def state(self) -> int:
     """Per-device bytes of the whole training state."""
     return self.params + self.ema_params + self.opt_state
-
 
 
 @dataclasses.dataclass

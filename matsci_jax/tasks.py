@@ -27,7 +27,7 @@ from matsci_jax.data.dataset_io import DatasetError, Split
 from matsci_jax.energy import Normalizer
 
 # Reported for every task, from `train_step.make_eval_step`'s sums.
-_ENERGY_METRICS = ("energy_mae", "ewt", "loss")
+_ENERGY_METRICS = ("energy_mae", "energy_per_atom_mae", "ewt", "loss")
 _FORCE_METRICS = ("force_mae", "force_cos", "efwt")
 _STRESS_METRICS = ("stress_mae",)
 

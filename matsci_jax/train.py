@@ -195,7 +195,8 @@ class Job:
         self.strategy.host_state(self.state).params))
 
 
-def build(config: ml_collections.ConfigDict, abstract: bool = False) -> Job:
+def build(config: ml_collections.ConfigDict, abstract: bool = False,
+          count_flops: bool = True) -> Job:
   """Everything a run of `config` trains with, before any step: data,
   model, normaliser, device strategy, initial state and steps (the state
   is created on the devices; nothing is compiled but its initialisation).
@@ -203,7 +204,8 @@ def build(config: ml_collections.ConfigDict, abstract: bool = False) -> Job:
   With `abstract`, the state is shape structs with their shardings
   (`Strategy.abstract_state`) and nothing runs on the devices, so that the
   steps can be compiled ahead of time for models too large to create
-  (`matsci_jax.plan`).
+  (`matsci_jax.plan`). Without `count_flops` (only the state is wanted),
+  `flops_per_step` is None and the step is not lowered.
 
   Call after `check_config` and `parallel.initialize_distributed`.
 
@@ -257,13 +259,16 @@ def build(config: ml_collections.ConfigDict, abstract: bool = False) -> Job:
                                     config.optimizer.ema_decay)
 
   train_step = make_train_step()
-  if abstract:
+  if not count_flops:
+    flops_per_step = None
+  elif abstract:
     flops_per_step = strategy.step_flops(
-        make_train_step, state, strategy.abstract_train_batch(first),
-        placed=True)
+        train_step, make_train_step, state,
+        strategy.abstract_train_batch(first), placed=True)
   else:
     flops_per_step = strategy.step_flops(
-        make_train_step, state, first if strategy.batches_per_step == 1
+        train_step, make_train_step, state,
+        first if strategy.batches_per_step == 1
         else pipeline.stack([first] * strategy.batches_per_step))
   eval_step = strategy.make_eval_step(
       task.make_eval_step(loss_fn, config.loss.free_atoms_only))

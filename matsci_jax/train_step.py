@@ -19,6 +19,7 @@ import optax
 from matsci_jax import losses, metrics
 from matsci_jax.energy import (Normalizer, make_energy_and_forces_fn,
                                make_energy_fn, make_energy_forces_stress_fn)
+from matsci_jax.models import scan_unroll
 from matsci_jax.train_state import TrainState
 
 
@@ -130,7 +131,8 @@ def accumulate_gradients(loss_fn: Callable, params, batch, steps: int = 1,
       params, first, counts)
   carry = (loss, _terms(aux), grads)
   rest = jax.tree_util.tree_map(lambda x: x[1:], batch)
-  carry, _ = jax.lax.scan(micro_step, carry, rest)
+  carry, _ = jax.lax.scan(micro_step, carry, rest,
+                          unroll=scan_unroll.unroll())
   return carry
 
 
