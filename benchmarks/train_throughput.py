@@ -55,14 +55,15 @@ class TextbookEGNNLayer(egnn.EGNNLayer):
   """The same layer with the first message layer applied per edge."""
 
   @nn.compact
-  def __call__(self, h, x, vectors, edge_features, envelope, graph):
+  def __call__(self, h, x, edges, graph):
     act = getattr(jax.nn, self.activation)
     d = self.hidden_dim
-    inputs = jnp.concatenate([h[graph.receivers], h[graph.senders],
-                              edge_features], axis=-1)
+    inputs = jnp.concatenate([h[edges["receivers"]], h[edges["senders"]],
+                              edges["features"]], axis=-1)
     m = act(nn.Dense(d, name="message_in")(inputs))
-    m = act(nn.Dense(d, name="message_out")(m)) * envelope[:, None]
-    agg = jax.ops.segment_sum(m, graph.receivers, num_segments=h.shape[0])
+    m = act(nn.Dense(d, name="message_out")(m)) * edges["envelope"][:, None]
+    agg = jax.ops.segment_sum(m, edges["receivers"],
+                              num_segments=h.shape[0])
     agg = agg / self.avg_num_neighbors
     u = act(nn.Dense(d, name="update_self")(h)
             + nn.Dense(d, use_bias=False, name="update_message")(agg))
