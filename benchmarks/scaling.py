@@ -81,6 +81,8 @@ def worker(folder: str, width: int, data: int, fsdp: int, remat: str,
       jax.random.PRNGKey(0))
   step = strategy.make_train_step(loss_fn, optimizer,
                                   config.optimizer.ema_decay)
+  if strategy.batches_per_step == 1:  # The pipeline's form: unstacked.
+    batches = [jax.tree_util.tree_map(lambda x: x[0], b) for b in batches]
   placed = [strategy.place_train(b) for b in batches]
   memory = step.lower(state, placed[0]).compile().memory_analysis()
   state, m = step(state, placed[0])
